@@ -1,0 +1,548 @@
+//! Accumulators: the partial state of one aggregation over a set of events.
+//!
+//! Every accumulator can `add` a value and `merge` another; windows keep one per pane and one
+//! running total. `subtract` removes a pane from the running total exactly when the aggregate
+//! allows it (integer counts, sketches, compensated float sums); min, max, first and last say
+//! when they cannot, and the window rebuilds its total from its panes.
+
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+
+use super::sketch::Sketch;
+use crate::config::{Agg, ValueType};
+use crate::decode::Value;
+
+/// A feature's value in a record, a snapshot row or a look-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub enum FeatureValue {
+    #[default]
+    Null,
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Str(Box<str>),
+    /// Epoch milliseconds.
+    Ts(i64),
+}
+
+impl FeatureValue {
+    fn from_value(value: &Value<'_>) -> FeatureValue {
+        match value {
+            Value::Null => FeatureValue::Null,
+            Value::Str(s) => FeatureValue::Str(s.as_ref().into()),
+            Value::Int(i) => FeatureValue::Int(*i),
+            Value::Float(f) => FeatureValue::Float(*f),
+            Value::Bool(b) => FeatureValue::Bool(*b),
+            Value::Ts(t) => FeatureValue::Ts(*t),
+        }
+    }
+
+    fn float(value: f64) -> FeatureValue {
+        if value.is_finite() {
+            FeatureValue::Float(value)
+        } else {
+            FeatureValue::Null
+        }
+    }
+
+    pub fn hash_into<H: Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        match self {
+            FeatureValue::Null => {}
+            FeatureValue::Int(i) | FeatureValue::Ts(i) => i.hash(state),
+            FeatureValue::Float(f) => f.to_bits().hash(state),
+            FeatureValue::Bool(b) => b.hash(state),
+            FeatureValue::Str(s) => s.hash(state),
+        }
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            FeatureValue::Str(s) => s.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// One event's contribution: the field value (Null for a field-less count), time and arrival.
+pub struct Input<'v, 'a> {
+    pub value: &'v Value<'a>,
+    pub time: i64,
+    pub seq: u64,
+}
+
+pub trait Accumulator: Clone + Default + Serialize + for<'de> Deserialize<'de> {
+    fn add(&mut self, input: &Input<'_, '_>);
+    fn merge(&mut self, other: &Self);
+    /// Removes `other`, which was merged in earlier; false when this aggregate cannot and the
+    /// caller must rebuild from parts.
+    fn subtract(&mut self, other: &Self) -> bool;
+    fn is_empty(&self) -> bool;
+    fn output(&self, agg: Agg, ty: ValueType) -> FeatureValue;
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CountAcc(pub u64);
+
+impl Accumulator for CountAcc {
+    fn add(&mut self, _: &Input<'_, '_>) {
+        self.0 += 1;
+    }
+    fn merge(&mut self, other: &Self) {
+        self.0 += other.0;
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        self.0 = self.0.saturating_sub(other.0);
+        true
+    }
+    fn is_empty(&self) -> bool {
+        self.0 == 0
+    }
+    fn output(&self, _: Agg, _: ValueType) -> FeatureValue {
+        FeatureValue::Int(self.0 as i64)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SumIntAcc {
+    sum: i128,
+    n: u64,
+}
+
+impl Accumulator for SumIntAcc {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        if let Value::Int(i) = input.value {
+            self.sum += i128::from(*i);
+            self.n += 1;
+        }
+    }
+    fn merge(&mut self, other: &Self) {
+        self.sum += other.sum;
+        self.n += other.n;
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        self.sum -= other.sum;
+        self.n = self.n.saturating_sub(other.n);
+        true
+    }
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    fn output(&self, _: Agg, _: ValueType) -> FeatureValue {
+        if self.n == 0 {
+            return FeatureValue::Null;
+        }
+        i64::try_from(self.sum).map_or(FeatureValue::Null, FeatureValue::Int)
+    }
+}
+
+/// A float sum with Neumaier compensation, so that adding and later subtracting the same
+/// values returns to (almost exactly) where it was.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompensatedSum {
+    sum: f64,
+    compensation: f64,
+}
+
+impl CompensatedSum {
+    fn add(&mut self, x: f64) {
+        let t = self.sum + x;
+        if self.sum.abs() >= x.abs() {
+            self.compensation += (self.sum - t) + x;
+        } else {
+            self.compensation += (x - t) + self.sum;
+        }
+        self.sum = t;
+    }
+
+    fn add_sum(&mut self, other: &CompensatedSum, sign: f64) {
+        self.add(sign * other.sum);
+        self.add(sign * other.compensation);
+    }
+
+    fn value(&self) -> f64 {
+        self.sum + self.compensation
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SumFloatAcc {
+    sum: CompensatedSum,
+    n: u64,
+}
+
+impl Accumulator for SumFloatAcc {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        if let Some(x) = input.value.as_f64() {
+            self.sum.add(x);
+            self.n += 1;
+        }
+    }
+    fn merge(&mut self, other: &Self) {
+        self.sum.add_sum(&other.sum, 1.0);
+        self.n += other.n;
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        self.n = self.n.saturating_sub(other.n);
+        if self.n == 0 {
+            *self = Self::default();
+        } else {
+            self.sum.add_sum(&other.sum, -1.0);
+        }
+        true
+    }
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    fn output(&self, _: Agg, _: ValueType) -> FeatureValue {
+        if self.n == 0 {
+            FeatureValue::Null
+        } else {
+            FeatureValue::float(self.sum.value())
+        }
+    }
+}
+
+/// Count, sum and sum of squares of `x - shift`, where `shift` is the first value seen: shifting
+/// by a value near the data keeps the variance formula free of catastrophic cancellation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MomentsAcc {
+    n: u64,
+    shift: f64,
+    s1: CompensatedSum,
+    s2: CompensatedSum,
+}
+
+impl MomentsAcc {
+    /// `other`'s sums re-expressed around `self.shift`.
+    fn rebased(&self, other: &MomentsAcc) -> (CompensatedSum, CompensatedSum) {
+        let d = other.shift - self.shift;
+        let n = other.n as f64;
+        let s1 = other.s1.value();
+        let mut r1 = other.s1;
+        r1.add(n * d);
+        let mut r2 = other.s2;
+        r2.add(2.0 * d * s1 + n * d * d);
+        (r1, r2)
+    }
+
+    fn mean(&self) -> f64 {
+        self.shift + self.s1.value() / self.n as f64
+    }
+
+    /// Sum of squared deviations from the mean.
+    fn m2(&self) -> f64 {
+        let s1 = self.s1.value();
+        (self.s2.value() - s1 * s1 / self.n as f64).max(0.0)
+    }
+}
+
+impl Accumulator for MomentsAcc {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        let Some(x) = input.value.as_f64() else {
+            return;
+        };
+        if self.n == 0 {
+            *self = MomentsAcc {
+                shift: x,
+                ..Default::default()
+            };
+        }
+        let d = x - self.shift;
+        self.s1.add(d);
+        self.s2.add(d * d);
+        self.n += 1;
+    }
+    fn merge(&mut self, other: &Self) {
+        if other.n == 0 {
+            return;
+        }
+        if self.n == 0 {
+            *self = *other;
+            return;
+        }
+        let (r1, r2) = self.rebased(other);
+        self.s1.add_sum(&r1, 1.0);
+        self.s2.add_sum(&r2, 1.0);
+        self.n += other.n;
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        if other.n == 0 {
+            return true;
+        }
+        if other.n >= self.n {
+            *self = Self::default();
+            return true;
+        }
+        let (r1, r2) = self.rebased(other);
+        self.s1.add_sum(&r1, -1.0);
+        self.s2.add_sum(&r2, -1.0);
+        self.n -= other.n;
+        true
+    }
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    fn output(&self, agg: Agg, _: ValueType) -> FeatureValue {
+        let n = self.n as f64;
+        let value = match agg {
+            Agg::Mean if self.n >= 1 => self.mean(),
+            Agg::Variance if self.n >= 2 => self.m2() / (n - 1.0),
+            Agg::Stddev if self.n >= 2 => (self.m2() / (n - 1.0)).sqrt(),
+            Agg::VariancePop if self.n >= 1 => self.m2() / n,
+            Agg::StddevPop if self.n >= 1 => (self.m2() / n).sqrt(),
+            _ => return FeatureValue::Null,
+        };
+        FeatureValue::float(value)
+    }
+}
+
+/// A number kept in its own type, so `min`/`max` of an int field stay exact ints.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+impl Num {
+    fn of(value: &Value<'_>) -> Option<Num> {
+        match value {
+            Value::Int(i) | Value::Ts(i) => Some(Num::Int(*i)),
+            Value::Float(f) => Some(Num::Float(*f)),
+            _ => None,
+        }
+    }
+
+    fn less(self, other: Num) -> bool {
+        match (self, other) {
+            (Num::Int(a), Num::Int(b)) => a < b,
+            (a, b) => a.as_f64() < b.as_f64(),
+        }
+    }
+
+    fn as_f64(self) -> f64 {
+        match self {
+            Num::Int(i) => i as f64,
+            Num::Float(f) => f,
+        }
+    }
+}
+
+/// `min` (`MAX = false`) or `max` (`MAX = true`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExtremeAcc<const MAX: bool> {
+    best: Option<Num>,
+}
+
+impl<const MAX: bool> ExtremeAcc<MAX> {
+    fn better(candidate: Num, current: Num) -> bool {
+        if MAX {
+            current.less(candidate)
+        } else {
+            candidate.less(current)
+        }
+    }
+
+    fn offer(&mut self, candidate: Num) {
+        match self.best {
+            Some(current) if !Self::better(candidate, current) => {}
+            _ => self.best = Some(candidate),
+        }
+    }
+}
+
+impl<const MAX: bool> Accumulator for ExtremeAcc<MAX> {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        if let Some(n) = Num::of(input.value) {
+            self.offer(n);
+        }
+    }
+    fn merge(&mut self, other: &Self) {
+        if let Some(n) = other.best {
+            self.offer(n);
+        }
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        // Removing a part that did not hold the extreme leaves the extreme as it is.
+        match (self.best, other.best) {
+            (_, None) => true,
+            (Some(mine), Some(theirs)) => Self::better(mine, theirs),
+            (None, Some(_)) => false,
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.best.is_none()
+    }
+    fn output(&self, _: Agg, ty: ValueType) -> FeatureValue {
+        match (self.best, ty) {
+            (None, _) => FeatureValue::Null,
+            (Some(Num::Int(i)), ValueType::Timestamp) => FeatureValue::Ts(i),
+            (Some(Num::Int(i)), _) => FeatureValue::Int(i),
+            (Some(Num::Float(f)), _) => FeatureValue::float(f),
+        }
+    }
+}
+
+/// `first` (`LAST = false`) or `last` (`LAST = true`) by event time, ties by arrival.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgeAcc<const LAST: bool> {
+    best: Option<(i64, u64, FeatureValue)>,
+}
+
+impl<const LAST: bool> EdgeAcc<LAST> {
+    fn wins(candidate: (i64, u64), current: (i64, u64)) -> bool {
+        if LAST {
+            candidate > current
+        } else {
+            candidate < current
+        }
+    }
+}
+
+impl<const LAST: bool> Accumulator for EdgeAcc<LAST> {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        let key = (input.time, input.seq);
+        match &self.best {
+            Some((t, s, _)) if !Self::wins(key, (*t, *s)) => {}
+            _ => self.best = Some((input.time, input.seq, FeatureValue::from_value(input.value))),
+        }
+    }
+    fn merge(&mut self, other: &Self) {
+        if let Some((t, s, v)) = &other.best {
+            match &self.best {
+                Some((mt, ms, _)) if !Self::wins((*t, *s), (*mt, *ms)) => {}
+                _ => self.best = Some((*t, *s, v.clone())),
+            }
+        }
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        match (&self.best, &other.best) {
+            (_, None) => true,
+            (Some((mt, ms, _)), Some((t, s, _))) => (mt, ms) != (t, s),
+            (None, Some(_)) => false,
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.best.is_none()
+    }
+    fn output(&self, _: Agg, _: ValueType) -> FeatureValue {
+        self.best
+            .as_ref()
+            .map_or(FeatureValue::Null, |(_, _, v)| v.clone())
+    }
+    fn heap_bytes(&self) -> usize {
+        self.best.as_ref().map_or(0, |(_, _, v)| v.heap_bytes())
+    }
+}
+
+/// Exact distinct count over 64-bit value hashes, with multiplicities so that panes subtract.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DistinctAcc {
+    /// Sorted by hash.
+    counts: Vec<(u64, u32)>,
+}
+
+fn value_hash(value: &Value<'_>) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    match value {
+        Value::Null => 0u8.hash(&mut h),
+        Value::Str(s) => {
+            1u8.hash(&mut h);
+            s.as_bytes().hash(&mut h);
+        }
+        // Ints and floats with the same numeric value are one value.
+        Value::Int(i) | Value::Ts(i) => {
+            2u8.hash(&mut h);
+            (*i as f64).to_bits().hash(&mut h);
+        }
+        Value::Float(f) => {
+            2u8.hash(&mut h);
+            (if *f == 0.0 { 0.0f64 } else { *f }).to_bits().hash(&mut h);
+        }
+        Value::Bool(b) => {
+            3u8.hash(&mut h);
+            b.hash(&mut h);
+        }
+    }
+    // FxHash's low bits are weak for short keys; finish with a mix (splitmix64).
+    let mut z = h.finish().wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl DistinctAcc {
+    fn add_hash(&mut self, hash: u64, count: u32) {
+        match self.counts.binary_search_by_key(&hash, |(h, _)| *h) {
+            Ok(i) => self.counts[i].1 += count,
+            Err(i) => self.counts.insert(i, (hash, count)),
+        }
+    }
+}
+
+impl Accumulator for DistinctAcc {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        self.add_hash(value_hash(input.value), 1);
+    }
+    fn merge(&mut self, other: &Self) {
+        for &(h, c) in &other.counts {
+            self.add_hash(h, c);
+        }
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        for &(h, c) in &other.counts {
+            match self.counts.binary_search_by_key(&h, |(k, _)| *k) {
+                Ok(i) if self.counts[i].1 >= c => {
+                    self.counts[i].1 -= c;
+                    if self.counts[i].1 == 0 {
+                        self.counts.remove(i);
+                    }
+                }
+                _ => return false,
+            }
+        }
+        true
+    }
+    fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+    fn output(&self, _: Agg, _: ValueType) -> FeatureValue {
+        FeatureValue::Int(self.counts.len() as i64)
+    }
+    fn heap_bytes(&self) -> usize {
+        self.counts.capacity() * std::mem::size_of::<(u64, u32)>()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SketchAcc(Sketch);
+
+impl Accumulator for SketchAcc {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        if let Some(x) = input.value.as_f64() {
+            self.0.add(x);
+        }
+    }
+    fn merge(&mut self, other: &Self) {
+        self.0.merge(&other.0);
+    }
+    fn subtract(&mut self, other: &Self) -> bool {
+        self.0.subtract(&other.0)
+    }
+    fn is_empty(&self) -> bool {
+        self.0.count() == 0
+    }
+    fn output(&self, agg: Agg, _: ValueType) -> FeatureValue {
+        let q = if let Agg::Percentile(q) = agg { q } else { 0.5 };
+        self.0
+            .quantile(q)
+            .map_or(FeatureValue::Null, FeatureValue::float)
+    }
+    fn heap_bytes(&self) -> usize {
+        self.0.heap_bytes()
+    }
+}

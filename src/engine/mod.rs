@@ -1,0 +1,441 @@
+//! The feature engine: synchronous, deterministic, no I/O.
+//!
+//! [`Engine::process`] takes one decoded event of one input partition and emits the records it
+//! causes into a [`RecordSink`]; [`Engine::tick`] lets processing time mark partitions idle.
+//! The order of work for an event is fixed (see `docs/semantics.md`): lateness check, the
+//! event's own update, then the watermark advances and everything it makes due is emitted.
+//! State lives per input partition and can be snapshotted and restored partition by partition.
+
+pub mod agg;
+pub mod sketch;
+pub mod state;
+pub mod window;
+
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+pub use agg::FeatureValue;
+use agg::Input;
+pub use state::SnapshotError;
+use state::{Clock, Closed, EntityState, PartitionState, hash_values};
+
+use crate::config::{Emit, Pipeline};
+use crate::decode::{DecodedEvent, Value};
+
+/// Receives the records the engine emits, in order.
+pub trait RecordSink {
+    /// An `on_update` record: every feature's value for `entity` as of `as_of`.
+    fn update(&mut self, entity: &str, as_of: i64, values: &[FeatureValue]);
+    /// An `on_window_close` record for feature number `feature`.
+    fn window_closed(
+        &mut self,
+        entity: &str,
+        feature: usize,
+        start: i64,
+        end: i64,
+        value: &FeatureValue,
+    );
+}
+
+/// A record as plain data, for tests and for collecting output.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Update {
+        entity: String,
+        as_of: i64,
+        values: Vec<FeatureValue>,
+    },
+    WindowClosed {
+        entity: String,
+        feature: usize,
+        start: i64,
+        end: i64,
+        value: FeatureValue,
+    },
+}
+
+impl RecordSink for Vec<Record> {
+    fn update(&mut self, entity: &str, as_of: i64, values: &[FeatureValue]) {
+        self.push(Record::Update {
+            entity: entity.to_string(),
+            as_of,
+            values: values.to_vec(),
+        });
+    }
+    fn window_closed(
+        &mut self,
+        entity: &str,
+        feature: usize,
+        start: i64,
+        end: i64,
+        value: &FeatureValue,
+    ) {
+        self.push(Record::WindowClosed {
+            entity: entity.to_string(),
+            feature,
+            start,
+            end,
+            value: value.clone(),
+        });
+    }
+}
+
+/// A sink that only counts, for benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CountingSink {
+    pub updates: u64,
+    pub closed: u64,
+}
+
+impl RecordSink for CountingSink {
+    fn update(&mut self, _: &str, _: i64, _: &[FeatureValue]) {
+        self.updates += 1;
+    }
+    fn window_closed(&mut self, _: &str, _: usize, _: i64, _: i64, _: &FeatureValue) {
+        self.closed += 1;
+    }
+}
+
+/// What happened to an event given to [`Engine::process`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Aggregated,
+    /// Older than watermark minus allowed lateness; not aggregated.
+    Late {
+        watermark: i64,
+    },
+}
+
+/// Size of the engine's state, for metrics and the benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateStats {
+    pub entities: usize,
+    pub bytes: usize,
+}
+
+pub struct Engine {
+    pipeline: Arc<Pipeline>,
+    partitions: BTreeMap<u32, PartitionState>,
+    /// Processing time of each partition's latest event (or assignment), for idleness.
+    last_activity: BTreeMap<u32, i64>,
+    watermark: i64,
+    values: Vec<FeatureValue>,
+    closed: Vec<Closed>,
+}
+
+impl Engine {
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        Engine {
+            pipeline,
+            partitions: BTreeMap::new(),
+            last_activity: BTreeMap::new(),
+            watermark: i64::MIN,
+            values: Vec::new(),
+            closed: Vec::new(),
+        }
+    }
+
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
+    /// The pipeline watermark, `None` before any event.
+    pub fn watermark(&self) -> Option<i64> {
+        (self.watermark != i64::MIN).then_some(self.watermark)
+    }
+
+    /// The watermark of one partition, `None` before its first event.
+    pub fn partition_watermark(&self, partition: u32) -> Option<i64> {
+        let max = self.partitions.get(&partition)?.max_event_time?;
+        Some(max.saturating_sub(self.pipeline.source.max_out_of_order_ms))
+    }
+
+    pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.partitions.keys().copied()
+    }
+
+    /// Starts owning an input partition with empty state.
+    pub fn assign(&mut self, partition: u32, now_ms: i64) {
+        self.partitions.entry(partition).or_default();
+        self.last_activity.insert(partition, now_ms);
+    }
+
+    /// Stops owning a partition and drops its state (snapshot it first to hand it over).
+    pub fn revoke(&mut self, partition: u32) {
+        self.partitions.remove(&partition);
+        self.last_activity.remove(&partition);
+    }
+
+    fn clock(&self) -> Clock {
+        Clock {
+            watermark: self.watermark,
+            lateness: self.pipeline.source.allowed_lateness_ms,
+            close_windows: self.pipeline.emit() == Emit::OnWindowClose,
+        }
+    }
+
+    /// Processes one event of `partition`, emitting its records into `sink`.
+    pub fn process(
+        &mut self,
+        partition: u32,
+        event: &DecodedEvent<'_>,
+        now_ms: i64,
+        sink: &mut dyn RecordSink,
+    ) -> Outcome {
+        self.last_activity.insert(partition, now_ms);
+        let time = event.time_ms;
+        if time
+            < self
+                .watermark
+                .saturating_sub(self.pipeline.source.allowed_lateness_ms)
+        {
+            return Outcome::Late {
+                watermark: self.watermark,
+            };
+        }
+        let clock = self.clock();
+        let pipeline = Arc::clone(&self.pipeline);
+        let features = &pipeline.features;
+        let part = self.partitions.entry(partition).or_default();
+        let seq = part.next_seq;
+        part.next_seq += 1;
+
+        let slot = match part.entities.find(&event.entity) {
+            Some(slot) => slot,
+            None => part
+                .entities
+                .insert(EntityState::new(&event.entity, time, features)),
+        };
+        let Some(entity) = part.entities.get_mut(slot) else {
+            return Outcome::Aggregated;
+        };
+        let as_of = entity.newest.max(time);
+        entity.newest = as_of;
+        entity.as_of = as_of;
+        for (state, feature) in entity.features.iter_mut().zip(features) {
+            state.set_as_of(feature, as_of);
+            if feature
+                .filter
+                .as_ref()
+                .is_some_and(|f| !f.eval(&event.fields))
+            {
+                continue;
+            }
+            let value = match feature.field {
+                Some(i) if event.fields[i].is_null() => continue,
+                Some(i) => &event.fields[i],
+                None => &Value::Null,
+            };
+            state.add(feature, &Input { value, time, seq });
+        }
+        if !clock.close_windows {
+            entity.values_into(features, clock.watermark, &mut self.values);
+            entity.emitted = hash_values(&self.values);
+            sink.update(&entity.id, as_of, &self.values);
+        }
+        let due = entity.next_change(features, &clock, pipeline.entity_ttl_ms);
+        part.schedule(slot, due);
+
+        if part.max_event_time.is_none_or(|m| time > m) {
+            part.max_event_time = Some(time);
+            self.advance(now_ms, sink);
+        } else if due.is_some_and(|d| d <= clock.watermark) {
+            // An event behind the watermark: its own record is as of its time, and what the
+            // watermark has already made due for the entity follows at once.
+            self.fire_timers(sink);
+        }
+        Outcome::Aggregated
+    }
+
+    /// Re-evaluates idleness with the current processing time; may advance the watermark.
+    pub fn tick(&mut self, now_ms: i64, sink: &mut dyn RecordSink) {
+        self.advance(now_ms, sink);
+    }
+
+    /// Recomputes the watermark and, if it moved, fires every timer it passed.
+    fn advance(&mut self, now_ms: i64, sink: &mut dyn RecordSink) {
+        let source = &self.pipeline.source;
+        let mut active_min: Option<i64> = None;
+        let mut idle_max: Option<i64> = None;
+        for (p, part) in &self.partitions {
+            let Some(max) = part.max_event_time else {
+                // A partition that never had data holds the watermark back until it is idle.
+                let idle = self
+                    .last_activity
+                    .get(p)
+                    .is_some_and(|t| now_ms.saturating_sub(*t) > source.idle_timeout_ms);
+                if !idle {
+                    return;
+                }
+                continue;
+            };
+            let w = max.saturating_sub(source.max_out_of_order_ms);
+            let idle = self
+                .last_activity
+                .get(p)
+                .is_some_and(|t| now_ms.saturating_sub(*t) > source.idle_timeout_ms);
+            if idle {
+                idle_max = Some(idle_max.map_or(w, |m: i64| m.max(w)));
+            } else {
+                active_min = Some(active_min.map_or(w, |m: i64| m.min(w)));
+            }
+        }
+        let Some(candidate) = active_min.or(idle_max) else {
+            return;
+        };
+        if candidate <= self.watermark {
+            return;
+        }
+        self.watermark = candidate;
+        self.fire_timers(sink);
+    }
+
+    fn fire_timers(&mut self, sink: &mut dyn RecordSink) {
+        let clock = self.clock();
+        let pipeline = Arc::clone(&self.pipeline);
+        let features = &pipeline.features;
+        let w = clock.watermark;
+        let mut due_now: Vec<(i64, u32)> = Vec::new();
+        for part in self.partitions.values_mut() {
+            // Collect what is due first and fire it in (due time, slot) order, so the order of
+            // records does not depend on the history of the timer heap (it differs after a
+            // restore, which queues exact times).
+            due_now.clear();
+            while let Some(&Reverse((at, slot))) = part.timers.peek() {
+                if at > w {
+                    break;
+                }
+                part.timers.pop();
+                let Some(entity) = part.entities.get_mut(slot) else {
+                    continue;
+                };
+                if entity.queued != Some(at) {
+                    continue;
+                }
+                entity.queued = None;
+                match entity.due {
+                    Some(due) if due <= w => due_now.push((due, slot)),
+                    due => part.schedule(slot, due),
+                }
+            }
+            due_now.sort_unstable();
+            for &(_, slot) in &due_now {
+                let Some(entity) = part.entities.get_mut(slot) else {
+                    continue;
+                };
+                if pipeline
+                    .entity_ttl_ms
+                    .is_some_and(|ttl| w > entity.newest.saturating_add(ttl))
+                {
+                    part.entities.remove(slot);
+                    continue;
+                }
+                if w > entity.as_of {
+                    entity.as_of = w;
+                    for (state, feature) in entity.features.iter_mut().zip(features) {
+                        state.set_as_of(feature, w);
+                    }
+                }
+                for (index, (state, feature)) in
+                    entity.features.iter_mut().zip(features).enumerate()
+                {
+                    self.closed.clear();
+                    state.on_watermark(feature, &clock, &mut self.closed);
+                    for (start, end, value) in &self.closed {
+                        sink.window_closed(&entity.id, index, *start, *end, value);
+                    }
+                }
+                if !clock.close_windows {
+                    entity.values_into(features, w, &mut self.values);
+                    let hash = hash_values(&self.values);
+                    if hash != entity.emitted {
+                        entity.emitted = hash;
+                        sink.update(&entity.id, entity.as_of, &self.values);
+                    }
+                }
+                let due = entity.next_change(features, &clock, pipeline.entity_ttl_ms);
+                part.schedule(slot, due);
+            }
+        }
+    }
+
+    /// Every feature value of `entity` as of now (the watermark, or the entity's newest event
+    /// if later): `(as_of, values)`.
+    pub fn lookup(&self, entity: &str) -> Option<(i64, Vec<FeatureValue>)> {
+        let features = &self.pipeline.features;
+        for part in self.partitions.values() {
+            if let Some(slot) = part.entities.find(entity) {
+                let state = part.entities.get(slot)?;
+                let mut values = Vec::with_capacity(features.len());
+                state.values_into(features, self.watermark, &mut values);
+                return Some((state.as_of.max(self.watermark), values));
+            }
+        }
+        None
+    }
+
+    /// Visits every live entity with its current values: `(entity, as_of, values)`.
+    pub fn for_each_entity(&self, mut visit: impl FnMut(&str, i64, &[FeatureValue])) {
+        let features = &self.pipeline.features;
+        let mut values = Vec::with_capacity(features.len());
+        for part in self.partitions.values() {
+            for (_, state) in part.entities.iter() {
+                state.values_into(features, self.watermark, &mut values);
+                visit(&state.id, state.as_of.max(self.watermark), &values);
+            }
+        }
+    }
+
+    pub fn state_stats(&self) -> StateStats {
+        let mut stats = StateStats::default();
+        for part in self.partitions.values() {
+            stats.entities += part.entities.len();
+            stats.bytes += part.entities.bytes()
+                + part.timers.capacity() * std::mem::size_of::<Reverse<(i64, u32)>>();
+        }
+        stats
+    }
+
+    /// Serialises one partition's state.
+    pub fn snapshot_partition(&self, partition: u32) -> Result<Vec<u8>, SnapshotError> {
+        match self.partitions.get(&partition) {
+            Some(part) => part.snapshot(),
+            None => PartitionState::default().snapshot(),
+        }
+    }
+
+    /// Replaces one partition's state with a snapshot and rebuilds its timers. The pipeline
+    /// watermark is kept as the maximum of what this engine and the snapshot have seen.
+    pub fn restore_partition(
+        &mut self,
+        partition: u32,
+        bytes: &[u8],
+        now_ms: i64,
+    ) -> Result<(), SnapshotError> {
+        let mut part = PartitionState::restore(bytes)?;
+        let clock = self.clock();
+        let features = &self.pipeline.features;
+        let slots: Vec<u32> = part.entities.iter().map(|(slot, _)| slot).collect();
+        for slot in slots {
+            let due = part
+                .entities
+                .get(slot)
+                .and_then(|e| e.next_change(features, &clock, self.pipeline.entity_ttl_ms));
+            part.schedule(slot, due);
+        }
+        self.partitions.insert(partition, part);
+        self.last_activity.insert(partition, now_ms);
+        Ok(())
+    }
+
+    /// Restores the pipeline watermark saved with a checkpoint (it spans partitions).
+    pub fn restore_watermark(&mut self, watermark: Option<i64>) {
+        if let Some(w) = watermark {
+            self.watermark = self.watermark.max(w);
+        }
+    }
+}

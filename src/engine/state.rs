@@ -1,0 +1,536 @@
+//! Per-entity feature state, the entity store of one input partition, and its snapshots.
+//!
+//! State is partitioned by input partition so that a partition's entities can be snapshotted,
+//! restored and handed to another instance on their own. Each feature's state is one
+//! [`FeatureState`] variant per accumulator type: adding an aggregation is a compile error until
+//! every match here handles it.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::hash::{BuildHasher, Hasher};
+
+use hashbrown::HashTable;
+use rustc_hash::FxBuildHasher;
+use serde::{Deserialize, Serialize};
+
+use super::agg::*;
+use super::window::{Panes, Sessions, floor_div};
+use crate::config::{Feature, Window};
+
+/// The window state of one feature, for one accumulator type.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Slot<A> {
+    Panes(Panes<A>),
+    Sessions(Sessions<A>),
+    Lifetime(A),
+}
+
+/// Where time stands for an entity while its state is updated.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// The pipeline watermark (`i64::MIN` before any event).
+    pub watermark: i64,
+    pub lateness: i64,
+    /// Whether closed windows are emitted (`emit: on_window_close`).
+    pub close_windows: bool,
+}
+
+/// A window-close result: window start, end and the value.
+pub type Closed = (i64, i64, FeatureValue);
+
+impl<A: Accumulator> Slot<A> {
+    fn new(feature: &Feature) -> Self {
+        match feature.window {
+            Window::Hopping { .. } => Slot::Panes(Panes::default()),
+            Window::Session { .. } => Slot::Sessions(Sessions::default()),
+            Window::Lifetime => Slot::Lifetime(A::default()),
+        }
+    }
+
+    fn set_as_of(&mut self, feature: &Feature, as_of: i64) {
+        if let (
+            Slot::Panes(panes),
+            Window::Hopping {
+                size_ms, step_ms, ..
+            },
+        ) = (self, feature.window)
+        {
+            panes.set_running_from(floor_div(as_of, step_ms) - size_ms / step_ms + 1);
+        }
+    }
+
+    fn add(&mut self, feature: &Feature, input: &Input<'_, '_>) {
+        match (self, feature.window) {
+            (Slot::Panes(panes), Window::Hopping { step_ms, .. }) => {
+                panes.add(floor_div(input.time, step_ms), input)
+            }
+            (Slot::Sessions(sessions), Window::Session { gap_ms }) => {
+                sessions.add(input.time, gap_ms, input)
+            }
+            (Slot::Lifetime(acc), _) => acc.add(input),
+            _ => {}
+        }
+    }
+
+    fn value(&self, feature: &Feature, watermark: i64) -> FeatureValue {
+        let out = |acc: &A| acc.output(feature.agg, feature.value_type);
+        match (self, feature.window) {
+            (Slot::Panes(panes), _) => out(panes.running()),
+            (Slot::Sessions(sessions), Window::Session { gap_ms }) => sessions
+                .open(watermark, gap_ms)
+                .map_or_else(|| out(&A::default()), out),
+            (Slot::Lifetime(acc), _) => out(acc),
+            (Slot::Sessions(_), _) => out(&A::default()),
+        }
+    }
+
+    /// Closes what the watermark has passed and drops what can no longer matter.
+    fn on_watermark(&mut self, feature: &Feature, clock: &Clock, closed: &mut Vec<Closed>) {
+        let out = |acc: &A| acc.output(feature.agg, feature.value_type);
+        match (self, feature.window) {
+            (
+                Slot::Panes(panes),
+                Window::Hopping {
+                    size_ms, step_ms, ..
+                },
+            ) => {
+                let n = size_ms / step_ms;
+                let horizon = clock.watermark.saturating_sub(clock.lateness);
+                if clock.close_windows {
+                    panes.close_windows(
+                        n,
+                        step_ms,
+                        |end| clock.watermark > end.saturating_add(clock.lateness),
+                        |start, end, acc| {
+                            closed.push((start, end, out(acc)));
+                        },
+                    );
+                }
+                // Future events are at or after `horizon`, so no as-of time can reach further back.
+                let mut keep_from = floor_div(horizon, step_ms).saturating_sub(n - 1);
+                if clock.close_windows {
+                    keep_from = keep_from.min(panes.closed_before());
+                }
+                panes.evict_below(keep_from);
+            }
+            (Slot::Sessions(sessions), Window::Session { gap_ms }) => {
+                sessions.finish(clock.watermark, gap_ms, clock.lateness, |s| {
+                    if clock.close_windows {
+                        closed.push((s.start, s.last.saturating_add(gap_ms), out(&s.acc)));
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// The next watermark at which this state changes by time alone.
+    fn next_change(&self, feature: &Feature, clock: &Clock) -> Option<i64> {
+        match (self, feature.window) {
+            (
+                Slot::Panes(panes),
+                Window::Hopping {
+                    size_ms, step_ms, ..
+                },
+            ) => {
+                let n = size_ms / step_ms;
+                let leaves = panes
+                    .oldest_running()
+                    .map(|q| (q + n).saturating_mul(step_ms));
+                let closes = if clock.close_windows {
+                    panes.next_window_to_close(n).map(|s| {
+                        (s + n)
+                            .saturating_mul(step_ms)
+                            .saturating_add(clock.lateness)
+                            .saturating_add(1)
+                    })
+                } else {
+                    None
+                };
+                min_opt(leaves, closes)
+            }
+            (Slot::Sessions(sessions), Window::Session { gap_ms }) => {
+                sessions.next_change(clock.watermark, gap_ms, clock.lateness)
+            }
+            _ => None,
+        }
+    }
+
+    /// True when nothing is held that a future record could depend on.
+    fn is_empty(&self) -> bool {
+        match self {
+            Slot::Panes(p) => p.is_empty(),
+            Slot::Sessions(s) => s.is_empty(),
+            Slot::Lifetime(a) => a.is_empty(),
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            Slot::Panes(p) => p.heap_bytes(),
+            Slot::Sessions(s) => s.heap_bytes(),
+            Slot::Lifetime(a) => a.heap_bytes(),
+        }
+    }
+}
+
+fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FeatureState {
+    Count(Slot<CountAcc>),
+    SumInt(Slot<SumIntAcc>),
+    SumFloat(Slot<SumFloatAcc>),
+    Moments(Slot<MomentsAcc>),
+    Min(Slot<ExtremeAcc<false>>),
+    Max(Slot<ExtremeAcc<true>>),
+    First(Slot<EdgeAcc<false>>),
+    Last(Slot<EdgeAcc<true>>),
+    Distinct(Slot<DistinctAcc>),
+    Sketch(Slot<SketchAcc>),
+}
+
+/// Runs `$body` with `$slot` bound to the state's slot, whatever its accumulator type.
+macro_rules! with_slot {
+    ($state:expr, $slot:ident => $body:expr) => {
+        match $state {
+            FeatureState::Count($slot) => $body,
+            FeatureState::SumInt($slot) => $body,
+            FeatureState::SumFloat($slot) => $body,
+            FeatureState::Moments($slot) => $body,
+            FeatureState::Min($slot) => $body,
+            FeatureState::Max($slot) => $body,
+            FeatureState::First($slot) => $body,
+            FeatureState::Last($slot) => $body,
+            FeatureState::Distinct($slot) => $body,
+            FeatureState::Sketch($slot) => $body,
+        }
+    };
+}
+
+impl FeatureState {
+    pub fn new(feature: &Feature) -> Self {
+        use crate::config::{Agg, ValueType};
+        match feature.agg {
+            Agg::Count => FeatureState::Count(Slot::new(feature)),
+            Agg::Sum if feature.value_type == ValueType::Int => {
+                FeatureState::SumInt(Slot::new(feature))
+            }
+            Agg::Sum => FeatureState::SumFloat(Slot::new(feature)),
+            Agg::Mean | Agg::Stddev | Agg::Variance | Agg::StddevPop | Agg::VariancePop => {
+                FeatureState::Moments(Slot::new(feature))
+            }
+            Agg::Min => FeatureState::Min(Slot::new(feature)),
+            Agg::Max => FeatureState::Max(Slot::new(feature)),
+            Agg::First => FeatureState::First(Slot::new(feature)),
+            Agg::Last => FeatureState::Last(Slot::new(feature)),
+            Agg::DistinctCount => FeatureState::Distinct(Slot::new(feature)),
+            Agg::Percentile(_) => FeatureState::Sketch(Slot::new(feature)),
+        }
+    }
+
+    pub fn set_as_of(&mut self, feature: &Feature, as_of: i64) {
+        with_slot!(self, slot => slot.set_as_of(feature, as_of))
+    }
+
+    pub fn add(&mut self, feature: &Feature, input: &Input<'_, '_>) {
+        with_slot!(self, slot => slot.add(feature, input))
+    }
+
+    pub fn value(&self, feature: &Feature, watermark: i64) -> FeatureValue {
+        with_slot!(self, slot => slot.value(feature, watermark))
+    }
+
+    pub fn on_watermark(&mut self, feature: &Feature, clock: &Clock, closed: &mut Vec<Closed>) {
+        with_slot!(self, slot => slot.on_watermark(feature, clock, closed))
+    }
+
+    pub fn next_change(&self, feature: &Feature, clock: &Clock) -> Option<i64> {
+        with_slot!(self, slot => slot.next_change(feature, clock))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        with_slot!(self, slot => slot.is_empty())
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        with_slot!(self, slot => slot.heap_bytes())
+    }
+}
+
+/// Everything kept for one entity in one partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EntityState {
+    pub id: Box<str>,
+    /// The newest event time seen for this entity.
+    pub newest: i64,
+    /// The time the feature state currently describes (`>= newest`).
+    pub as_of: i64,
+    /// Hash of the last emitted feature values, to emit time-driven records only on change.
+    pub emitted: u64,
+    pub features: Vec<FeatureState>,
+    /// When time next changes this entity (`None`: never); rebuilt on restore.
+    #[serde(skip)]
+    pub due: Option<i64>,
+    /// The time of this entity's live entry in the timer heap.
+    #[serde(skip)]
+    pub queued: Option<i64>,
+}
+
+impl EntityState {
+    pub fn new(id: &str, time: i64, features: &[Feature]) -> Self {
+        EntityState {
+            id: id.into(),
+            newest: time,
+            as_of: time,
+            emitted: 0,
+            features: features.iter().map(FeatureState::new).collect(),
+            due: None,
+            queued: None,
+        }
+    }
+
+    pub fn values_into(&self, features: &[Feature], watermark: i64, out: &mut Vec<FeatureValue>) {
+        out.clear();
+        out.extend(
+            self.features
+                .iter()
+                .zip(features)
+                .map(|(state, f)| state.value(f, watermark)),
+        );
+    }
+
+    /// Next watermark at which time alone changes this entity, TTL expiry included.
+    pub fn next_change(
+        &self,
+        features: &[Feature],
+        clock: &Clock,
+        ttl: Option<i64>,
+    ) -> Option<i64> {
+        let mut due = ttl.map(|ttl| self.newest.saturating_add(ttl).saturating_add(1));
+        for (state, feature) in self.features.iter().zip(features) {
+            due = min_opt(due, state.next_change(feature, clock));
+        }
+        due
+    }
+
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<EntityState>()
+            + self.id.len()
+            + self.features.capacity() * std::mem::size_of::<FeatureState>()
+            + self
+                .features
+                .iter()
+                .map(FeatureState::heap_bytes)
+                .sum::<usize>()
+    }
+}
+
+pub fn hash_values(values: &[FeatureValue]) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    for v in values {
+        v.hash_into(&mut h);
+    }
+    h.finish()
+}
+
+/// The entities of one partition: a slab of states and an index by id that stores only slot
+/// numbers (the id lives once, in the state).
+#[derive(Debug, Default)]
+pub struct EntityStore {
+    slots: Vec<Option<EntityState>>,
+    free: Vec<u32>,
+    index: HashTable<u32>,
+    live: usize,
+}
+
+fn id_hash(id: &str) -> u64 {
+    FxBuildHasher.hash_one(id)
+}
+
+impl EntityStore {
+    pub fn find(&self, id: &str) -> Option<u32> {
+        self.index
+            .find(id_hash(id), |&i| {
+                self.slots[i as usize]
+                    .as_ref()
+                    .is_some_and(|e| &*e.id == id)
+            })
+            .copied()
+    }
+
+    pub fn insert(&mut self, state: EntityState) -> u32 {
+        let hash = id_hash(&state.id);
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(state);
+                i
+            }
+            None => {
+                self.slots.push(Some(state));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        self.index.insert_unique(hash, slot, |&i| {
+            slots[i as usize].as_ref().map_or(0, |e| id_hash(&e.id))
+        });
+        self.live += 1;
+        slot
+    }
+
+    pub fn remove(&mut self, slot: u32) -> Option<EntityState> {
+        let state = self.slots.get_mut(slot as usize)?.take()?;
+        let hash = id_hash(&state.id);
+        if let Ok(entry) = self.index.find_entry(hash, |&i| i == slot) {
+            entry.remove();
+        }
+        self.free.push(slot);
+        self.live -= 1;
+        Some(state)
+    }
+
+    pub fn get(&self, slot: u32) -> Option<&EntityState> {
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, slot: u32) -> Option<&mut EntityState> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &EntityState)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Option<EntityState>>()
+            + self.index.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self
+                .iter()
+                .map(|(_, e)| e.bytes() - std::mem::size_of::<EntityState>())
+                .sum::<usize>()
+    }
+}
+
+/// The state of one input partition: its entities, their timers and its event-time progress.
+#[derive(Debug, Default)]
+pub struct PartitionState {
+    pub entities: EntityStore,
+    /// `(due, slot)`; an entry is live only when it matches the entity's `queued`.
+    pub timers: BinaryHeap<Reverse<(i64, u32)>>,
+    /// The newest event time seen in this partition (its watermark is this minus the bound).
+    pub max_event_time: Option<i64>,
+    /// Arrival counter; orders events with equal times (`first`/`last`).
+    pub next_seq: u64,
+}
+
+impl PartitionState {
+    /// Records when time next changes an entity, queueing a timer only if it is earlier than
+    /// the one already queued (a later one is re-queued when the earlier fires).
+    pub fn schedule(&mut self, slot: u32, due: Option<i64>) {
+        let Some(entity) = self.entities.get_mut(slot) else {
+            return;
+        };
+        entity.due = due;
+        if let Some(d) = due
+            && entity.queued.is_none_or(|q| d < q)
+        {
+            entity.queued = Some(d);
+            self.timers.push(Reverse((d, slot)));
+        }
+    }
+}
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    version: u32,
+    max_event_time: Option<i64>,
+    next_seq: u64,
+    slots: &'a [Option<EntityState>],
+    free: &'a [u32],
+}
+
+#[derive(Deserialize)]
+struct SnapshotOwned {
+    version: u32,
+    max_event_time: Option<i64>,
+    next_seq: u64,
+    slots: Vec<Option<EntityState>>,
+    free: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("partition snapshot could not be encoded: {0}")]
+    Encode(postcard::Error),
+    #[error("partition snapshot could not be decoded: {0}")]
+    Decode(postcard::Error),
+    #[error(
+        "partition snapshot has format version {found}, this build reads version {SNAPSHOT_VERSION}"
+    )]
+    Version { found: u32 },
+}
+
+impl PartitionState {
+    /// Serialises the partition (entities, slot numbers, event-time progress). Timers are not
+    /// stored: they are a function of the state and are rebuilt on restore.
+    pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        let snapshot = SnapshotRef {
+            version: SNAPSHOT_VERSION,
+            max_event_time: self.max_event_time,
+            next_seq: self.next_seq,
+            slots: &self.entities.slots,
+            free: &self.entities.free,
+        };
+        postcard::to_allocvec(&snapshot).map_err(SnapshotError::Encode)
+    }
+
+    /// Restores a snapshot; the caller re-schedules timers (they depend on the pipeline).
+    pub fn restore(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
+        let snapshot: SnapshotOwned = postcard::from_bytes(bytes).map_err(SnapshotError::Decode)?;
+        if snapshot.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version {
+                found: snapshot.version,
+            });
+        }
+        let mut store = EntityStore {
+            slots: snapshot.slots,
+            free: snapshot.free,
+            index: HashTable::new(),
+            live: 0,
+        };
+        for (i, slot) in store.slots.iter().enumerate() {
+            if let Some(e) = slot {
+                let slots = &store.slots;
+                store.index.insert_unique(id_hash(&e.id), i as u32, |&j| {
+                    slots[j as usize].as_ref().map_or(0, |e| id_hash(&e.id))
+                });
+                store.live += 1;
+            }
+        }
+        Ok(PartitionState {
+            entities: store,
+            timers: BinaryHeap::new(),
+            max_event_time: snapshot.max_event_time,
+            next_seq: snapshot.next_seq,
+        })
+    }
+}

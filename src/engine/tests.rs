@@ -1,0 +1,538 @@
+//! The engine against a brute-force reference: PRODUCT.md's formulas evaluated directly over
+//! the raw accepted events, for random streams with out-of-order, late and bursty events.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::config::{Agg, Feature, Window, compile_source};
+use crate::decode::Value;
+
+const ON_UPDATE: &str = r#"
+name: prop
+source:
+  kafka: { brokers: "127.0.0.1:9092", topic: t, group_id: g }
+  schema: { card: string, merchant: string, amount: float?, status: string, ts: timestamp }
+  entity: card
+  event_time: ts
+  watermark: { max_out_of_order: 3s }
+  allowed_lateness: 2s
+features:
+  - { name: n_sliding, agg: count, window: { sliding: 10s } }
+  - { name: sum_hop, agg: sum, field: amount, window: { hopping: 12s, step: 4s } }
+  - { name: sum_tumble, agg: sum, field: amount, window: { tumbling: 7s } }
+  - { name: mean_step, agg: mean, field: amount, window: { sliding: 12s, step: 3s } }
+  - { name: std_slide, agg: stddev, field: amount, window: { sliding: 9s } }
+  - { name: var_pop, agg: variance_pop, field: amount, window: { hopping: 8s, step: 2s } }
+  - { name: min_slide, agg: min, field: amount, window: { sliding: 6s } }
+  - { name: max_hop, agg: max, field: amount, window: { hopping: 6s, step: 3s } }
+  - { name: first_slide, agg: first, field: merchant, window: { sliding: 8s } }
+  - { name: last_slide, agg: last, field: merchant, window: { sliding: 8s } }
+  - { name: distinct_hop, agg: distinct_count, field: merchant, window: { hopping: 12s, step: 4s } }
+  - { name: declined, agg: count, where: 'status == "declined"', window: { sliding: 15s } }
+  - { name: p90, agg: { percentile: 0.9 }, field: amount, window: { sliding: 20s } }
+  - { name: sess_n, agg: count, window: { session: 4s } }
+  - { name: sess_sum, agg: sum, field: amount, window: { session: 4s } }
+  - { name: life_n, agg: count, window: lifetime }
+  - { name: life_first, agg: first, field: amount, window: lifetime }
+  - { name: life_last, agg: last, field: amount, window: lifetime }
+state: { entity_ttl: never }
+"#;
+
+fn pipeline(text: &str) -> Arc<Pipeline> {
+    Arc::new(compile_source("test.yaml", text).unwrap_or_else(|e| panic!("{e}")))
+}
+
+#[derive(Debug, Clone)]
+struct Ev {
+    card: u8,
+    merchant: u8,
+    amount: Option<f64>,
+    declined: bool,
+    time: i64,
+}
+
+impl Ev {
+    fn decoded(&self) -> DecodedEvent<'static> {
+        DecodedEvent {
+            entity: Cow::Owned(format!("c{}", self.card)),
+            time_ms: self.time,
+            fields: vec![
+                Value::Str(Cow::Owned(format!("c{}", self.card))),
+                Value::Str(Cow::Owned(format!("m{}", self.merchant))),
+                self.amount.map_or(Value::Null, Value::Float),
+                Value::Str(Cow::Borrowed(if self.declined { "declined" } else { "ok" })),
+                Value::Ts(self.time),
+            ],
+        }
+    }
+}
+
+/// Random streams: a drifting clock with jitter, bursts, long gaps, and some events far behind.
+fn stream() -> impl Strategy<Value = Vec<Ev>> {
+    let step = prop_oneof![
+        6 => 0i64..1_500,
+        1 => 0i64..1,
+        1 => 4_000i64..25_000,
+    ];
+    let jitter = prop_oneof![8 => 0i64..1, 3 => -4_000i64..0, 1 => -9_000i64..-4_000];
+    let amount = prop_oneof![1 => Just(None), 6 => (-5_000i64..100_000).prop_map(|c| Some(c as f64 / 100.0))];
+    prop::collection::vec(
+        (
+            0u8..4,
+            0u8..5,
+            amount,
+            prop::bool::weighted(0.2),
+            step,
+            jitter,
+        ),
+        1..120,
+    )
+    .prop_map(|raw| {
+        let mut clock = 1_700_000_000_000i64;
+        raw.into_iter()
+            .map(|(card, merchant, amount, declined, step, jitter)| {
+                clock += step;
+                Ev {
+                    card,
+                    merchant,
+                    amount,
+                    declined,
+                    time: clock + jitter,
+                }
+            })
+            .collect()
+    })
+}
+
+/// The exact value of one aggregation over `(time, arrival, value)` triples.
+fn reference(feature: &Feature, events: &[(i64, u64, &Ev)]) -> FeatureValue {
+    let matching: Vec<&(i64, u64, &Ev)> = events
+        .iter()
+        .filter(|(_, _, e)| feature.filter.as_ref().is_none_or(|_| e.declined))
+        .collect();
+    let amounts: Vec<f64> = matching.iter().filter_map(|(_, _, e)| e.amount).collect();
+    let n = amounts.len() as f64;
+    let mean = amounts.iter().sum::<f64>() / n;
+    let m2: f64 = amounts.iter().map(|a| (a - mean) * (a - mean)).sum();
+    let field_is_merchant = feature.field == Some(1);
+    let float = |present: bool, v: f64| {
+        if present {
+            FeatureValue::Float(v)
+        } else {
+            FeatureValue::Null
+        }
+    };
+    match feature.agg {
+        Agg::Count if feature.field.is_none() => FeatureValue::Int(matching.len() as i64),
+        Agg::Count => FeatureValue::Int(amounts.len() as i64),
+        Agg::Sum => float(!amounts.is_empty(), amounts.iter().sum()),
+        Agg::Mean => float(n >= 1.0, mean),
+        Agg::Stddev => float(n >= 2.0, (m2 / (n - 1.0)).sqrt()),
+        Agg::Variance => float(n >= 2.0, m2 / (n - 1.0)),
+        Agg::StddevPop => float(n >= 1.0, (m2 / n).sqrt()),
+        Agg::VariancePop => float(n >= 1.0, m2 / n),
+        Agg::Min => amounts
+            .iter()
+            .copied()
+            .reduce(f64::min)
+            .map_or(FeatureValue::Null, FeatureValue::Float),
+        Agg::Max => amounts
+            .iter()
+            .copied()
+            .reduce(f64::max)
+            .map_or(FeatureValue::Null, FeatureValue::Float),
+        Agg::DistinctCount => {
+            let mut merchants: Vec<u8> = matching.iter().map(|(_, _, e)| e.merchant).collect();
+            merchants.sort_unstable();
+            merchants.dedup();
+            FeatureValue::Int(merchants.len() as i64)
+        }
+        Agg::First | Agg::Last => {
+            let with_value: Vec<&&(i64, u64, &Ev)> = matching
+                .iter()
+                .filter(|(_, _, e)| field_is_merchant || e.amount.is_some())
+                .collect();
+            let pick = if feature.agg == Agg::First {
+                with_value.iter().min_by_key(|(t, s, _)| (*t, *s))
+            } else {
+                with_value.iter().max_by_key(|(t, s, _)| (*t, *s))
+            };
+            match pick {
+                None => FeatureValue::Null,
+                Some((_, _, e)) if field_is_merchant => {
+                    FeatureValue::Str(format!("m{}", e.merchant).into())
+                }
+                Some((_, _, e)) => e.amount.map_or(FeatureValue::Null, FeatureValue::Float),
+            }
+        }
+        Agg::Percentile(q) => {
+            let mut sorted = amounts.clone();
+            sorted.sort_by(f64::total_cmp);
+            if sorted.is_empty() {
+                FeatureValue::Null
+            } else {
+                FeatureValue::Float(sorted[(q * (sorted.len() - 1) as f64).floor() as usize])
+            }
+        }
+    }
+}
+
+/// The value as of `as_of` with watermark `w`, from the formulas in docs/semantics.md.
+fn as_of_value(feature: &Feature, events: &[(i64, u64, &Ev)], as_of: i64, w: i64) -> FeatureValue {
+    match feature.window {
+        Window::Hopping {
+            size_ms, step_ms, ..
+        } => {
+            let start = as_of.div_euclid(step_ms) * step_ms + step_ms - size_ms;
+            let inside: Vec<_> = events
+                .iter()
+                .filter(|(t, _, _)| start <= *t && *t <= as_of)
+                .cloned()
+                .collect();
+            reference(feature, &inside)
+        }
+        Window::Session { gap_ms } => {
+            let relevant: Vec<_> = events
+                .iter()
+                .filter(|(_, _, e)| feature.field.is_none() || e.amount.is_some())
+                .cloned()
+                .collect();
+            let mut times: Vec<i64> = relevant.iter().map(|(t, _, _)| *t).collect();
+            times.sort_unstable();
+            let Some(&last) = times.last() else {
+                return reference(feature, &[]);
+            };
+            let mut first = last;
+            for pair in times.windows(2).rev() {
+                if pair[1] - pair[0] < gap_ms {
+                    first = pair[0];
+                } else {
+                    break;
+                }
+            }
+            if w > last + gap_ms {
+                return reference(feature, &[]);
+            }
+            let inside: Vec<_> = relevant
+                .iter()
+                .filter(|(t, _, _)| *t >= first)
+                .cloned()
+                .collect();
+            reference(feature, &inside)
+        }
+        Window::Lifetime => reference(feature, events),
+    }
+}
+
+fn close_enough(got: &FeatureValue, want: &FeatureValue, agg: Agg) -> bool {
+    match (got, want) {
+        (FeatureValue::Float(g), FeatureValue::Float(w)) => {
+            let tolerance = if matches!(agg, Agg::Percentile(_)) {
+                sketch::RELATIVE_ACCURACY * w.abs() + 1e-9
+            } else {
+                1e-9 * w.abs().max(1.0)
+            };
+            (g - w).abs() <= tolerance
+        }
+        _ => got == want,
+    }
+}
+
+fn check_values(
+    p: &Pipeline,
+    got: &[FeatureValue],
+    events: &[(i64, u64, &Ev)],
+    as_of: i64,
+    w: i64,
+) -> Result<(), TestCaseError> {
+    for (feature, value) in p.features.iter().zip(got) {
+        let want = as_of_value(feature, events, as_of, w);
+        prop_assert!(
+            close_enough(value, &want, feature.agg),
+            "feature {} as of {} (w {}): engine {:?}, reference {:?}",
+            feature.name,
+            as_of,
+            w,
+            value,
+            want
+        );
+    }
+    Ok(())
+}
+
+/// Runs the stream, checking every record and every entity's current values after each event.
+fn run_and_check(
+    p: &Arc<Pipeline>,
+    events: &[Ev],
+    restore_at: Option<usize>,
+) -> Result<Vec<Record>, TestCaseError> {
+    let mut engine = Engine::new(Arc::clone(p));
+    engine.assign(0, 0);
+    let lateness = p.source.allowed_lateness_ms;
+    let mut accepted: Vec<(i64, u64, &Ev)> = Vec::new();
+    let mut w = i64::MIN;
+    let mut max_time = i64::MIN;
+    let mut all = Vec::new();
+    let mut last_emitted: std::collections::BTreeMap<String, Vec<FeatureValue>> =
+        Default::default();
+    for (i, ev) in events.iter().enumerate() {
+        if restore_at == Some(i) {
+            let bytes = engine
+                .snapshot_partition(0)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let watermark = engine.watermark();
+            engine = Engine::new(Arc::clone(p));
+            engine.restore_watermark(watermark);
+            engine
+                .restore_partition(0, &bytes, 0)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        }
+        let mut records = Vec::new();
+        let outcome = engine.process(0, &ev.decoded(), 0, &mut records);
+        let late = ev.time < w.saturating_sub(lateness);
+        prop_assert_eq!(
+            outcome == Outcome::Aggregated,
+            !late,
+            "lateness of event {} at {}",
+            i,
+            ev.time
+        );
+        let w_before = w;
+        if !late {
+            accepted.push((ev.time, i as u64, ev));
+            max_time = max_time.max(ev.time);
+            w = w.max(max_time - p.source.max_out_of_order_ms);
+        }
+        prop_assert_eq!(engine.watermark(), (w != i64::MIN).then_some(w));
+        for (k, record) in records.iter().enumerate() {
+            let Record::Update {
+                entity,
+                as_of,
+                values,
+            } = record
+            else {
+                return Err(TestCaseError::fail("unexpected window record"));
+            };
+            let mine: Vec<_> = accepted
+                .iter()
+                .filter(|(_, _, e)| format!("c{}", e.card) == *entity)
+                .cloned()
+                .collect();
+            // The event's own record comes first and sees the watermark from before it.
+            let w_at = if k == 0 && !late { w_before } else { w };
+            check_values(p, values, &mine, *as_of, w_at)?;
+            last_emitted.insert(entity.clone(), values.clone());
+        }
+        if !late {
+            let own = format!("c{}", ev.card);
+            let first_is_own =
+                matches!(&records[0], Record::Update { entity, .. } if *entity == own);
+            prop_assert!(first_is_own, "the event's own record comes first");
+        }
+        // Whatever time changed has been emitted: the newest record equals the current value.
+        for (entity, emitted) in &last_emitted {
+            let (as_of, now) = engine
+                .lookup(entity)
+                .ok_or_else(|| TestCaseError::fail("entity lost"))?;
+            let mine: Vec<_> = accepted
+                .iter()
+                .filter(|(_, _, e)| format!("c{}", e.card) == *entity)
+                .cloned()
+                .collect();
+            check_values(p, &now, &mine, as_of, w)?;
+            for ((f, a), b) in p.features.iter().zip(&now).zip(emitted) {
+                prop_assert!(
+                    close_enough(a, b, Agg::Sum),
+                    "{} of {} changed without a record: {:?} vs {:?}",
+                    f.name,
+                    entity,
+                    a,
+                    b
+                );
+            }
+        }
+        all.extend(records);
+    }
+    Ok(all)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn on_update_records_match_the_reference(events in stream()) {
+        let p = pipeline(ON_UPDATE);
+        run_and_check(&p, &events, None)?;
+    }
+
+    #[test]
+    fn snapshot_and_restore_midway_changes_nothing(events in stream(), cut in 0usize..120) {
+        let p = pipeline(ON_UPDATE);
+        let straight = run_and_check(&p, &events, None)?;
+        let restored = run_and_check(&p, &events, Some(cut % events.len()))?;
+        prop_assert_eq!(straight, restored);
+    }
+
+    #[test]
+    fn window_close_records_match_the_reference(events in stream()) {
+        let text = r#"
+name: prop_close
+source:
+  kafka: { brokers: "127.0.0.1:9092", topic: t, group_id: g }
+  schema: { card: string, merchant: string, amount: float?, status: string, ts: timestamp }
+  entity: card
+  event_time: ts
+  watermark: { max_out_of_order: 3s }
+  allowed_lateness: 2s
+features:
+  - { name: n_hop, agg: count, window: { hopping: 12s, step: 4s } }
+  - { name: sum_tumble, agg: sum, field: amount, window: { tumbling: 7s } }
+  - { name: max_step, agg: max, field: amount, window: { sliding: 6s, step: 2s } }
+  - { name: distinct, agg: distinct_count, field: merchant, window: { hopping: 12s, step: 6s } }
+  - { name: sess, agg: count, window: { session: 4s } }
+  - { name: sess_mean, agg: mean, field: amount, window: { session: 4s } }
+sinks:
+  kafka: { topic: out, emit: on_window_close }
+state: { entity_ttl: never }
+"#;
+        let p = pipeline(text);
+        let mut engine = Engine::new(Arc::clone(&p));
+        engine.assign(0, 0);
+        let mut records = Vec::new();
+        let mut accepted = Vec::new();
+        for (i, ev) in events.iter().enumerate() {
+            if engine.process(0, &ev.decoded(), 0, &mut records) == Outcome::Aggregated {
+                accepted.push((ev.time, i as u64, ev));
+            }
+        }
+        let w = engine.watermark().unwrap_or(i64::MIN);
+        let lateness = p.source.allowed_lateness_ms;
+        // Every window with data that the watermark passed, and nothing else, exactly once.
+        let mut expected = Vec::new();
+        for card in 0u8..4 {
+            let entity = format!("c{card}");
+            for (index, feature) in p.features.iter().enumerate() {
+                let mine: Vec<_> = accepted
+                    .iter()
+                    .filter(|(_, _, e)| e.card == card && (feature.field != Some(2) || e.amount.is_some()))
+                    .cloned()
+                    .collect();
+                match feature.window {
+                    Window::Hopping { size_ms, step_ms, .. } => {
+                        let mut starts: Vec<i64> = mine
+                            .iter()
+                            .flat_map(|(t, _, _)| {
+                                let last = t.div_euclid(step_ms) * step_ms;
+                                (0..size_ms / step_ms).map(move |k| last - k * step_ms)
+                            })
+                            .collect();
+                        starts.sort_unstable();
+                        starts.dedup();
+                        for s in starts {
+                            if w > s + size_ms + lateness {
+                                let inside: Vec<_> = mine.iter().filter(|(t, _, _)| s <= *t && *t < s + size_ms).cloned().collect();
+                                expected.push((entity.clone(), index, s, s + size_ms, reference(feature, &inside)));
+                            }
+                        }
+                    }
+                    Window::Session { gap_ms } => {
+                        let mut sorted = mine.clone();
+                        sorted.sort_by_key(|(t, s, _)| (*t, *s));
+                        let mut sessions: Vec<Vec<(i64, u64, &Ev)>> = Vec::new();
+                        for e in sorted {
+                            match sessions.last_mut() {
+                                Some(s) if e.0 - s.last().map_or(i64::MIN, |l| l.0) < gap_ms => s.push(e),
+                                _ => sessions.push(vec![e]),
+                            }
+                        }
+                        for s in sessions {
+                            let (first, last) = (s[0].0, s[s.len() - 1].0);
+                            if w > last + gap_ms + lateness {
+                                expected.push((entity.clone(), index, first, last + gap_ms, reference(feature, &s)));
+                            }
+                        }
+                    }
+                    Window::Lifetime => {}
+                }
+            }
+        }
+        let mut got: Vec<_> = records
+            .into_iter()
+            .map(|r| match r {
+                Record::WindowClosed { entity, feature, start, end, value } => Ok((entity, feature, start, end, value)),
+                other => Err(TestCaseError::fail(format!("unexpected {other:?}"))),
+            })
+            .collect::<Result<_, _>>()?;
+        got.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+        expected.sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+        prop_assert_eq!(got.len(), expected.len(), "windows: got {:?}\nwant {:?}", got, expected);
+        for (g, e) in got.iter().zip(&expected) {
+            prop_assert_eq!((&g.0, g.1, g.2, g.3), (&e.0, e.1, e.2, e.3));
+            prop_assert!(close_enough(&g.4, &e.4, p.features[g.1].agg), "{:?} vs {:?}", g, e);
+        }
+    }
+}
+
+#[test]
+fn quiet_entity_decays_and_then_expires() {
+    let text = r#"
+name: ttl
+source:
+  kafka: { brokers: "127.0.0.1:9092", topic: t, group_id: g }
+  schema: { card: string, merchant: string, amount: float?, status: string, ts: timestamp }
+  entity: card
+  event_time: ts
+features:
+  - { name: n, agg: count, window: { sliding: 10s } }
+  - { name: total, agg: count, window: lifetime }
+state: { entity_ttl: 60s }
+"#;
+    let p = pipeline(text);
+    let mut engine = Engine::new(Arc::clone(&p));
+    engine.assign(0, 0);
+    let ev = |card: u8, time: i64| Ev {
+        card,
+        merchant: 0,
+        amount: Some(1.0),
+        declined: false,
+        time,
+    };
+    let mut records = Vec::new();
+    engine.process(0, &ev(1, 0).decoded(), 0, &mut records);
+    engine.process(0, &ev(2, 10_000).decoded(), 0, &mut records);
+    // At W = 10s the card-1 event (t = 0) has left its 10 s window: a decay record as of W.
+    assert_eq!(
+        records,
+        vec![
+            Record::Update {
+                entity: "c1".into(),
+                as_of: 0,
+                values: vec![FeatureValue::Int(1), FeatureValue::Int(1)]
+            },
+            Record::Update {
+                entity: "c2".into(),
+                as_of: 10_000,
+                values: vec![FeatureValue::Int(1), FeatureValue::Int(1)]
+            },
+            Record::Update {
+                entity: "c1".into(),
+                as_of: 10_000,
+                values: vec![FeatureValue::Int(0), FeatureValue::Int(1)]
+            },
+        ]
+    );
+    records.clear();
+    engine.process(0, &ev(2, 60_001).decoded(), 0, &mut records);
+    assert!(
+        engine.lookup("c1").is_none(),
+        "c1 is older than the TTL and must be gone"
+    );
+    engine.process(0, &ev(1, 60_002).decoded(), 0, &mut records);
+    assert_eq!(
+        engine.lookup("c1").map(|(_, v)| v[1].clone()),
+        Some(FeatureValue::Int(1))
+    );
+}

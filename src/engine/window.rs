@@ -1,0 +1,283 @@
+//! Window state for one feature of one entity: panes for hopping (and so tumbling and sliding)
+//! windows, a list of sessions, or a lifetime total.
+//!
+//! Hopping windows of SIZE and STEP are kept as panes of STEP (pane `p` holds events in
+//! `[p*STEP, (p+1)*STEP)`), so a window is `n = SIZE/STEP` consecutive panes. A running total
+//! covers the panes of the window that the entity's as-of time falls in; moving the as-of time
+//! subtracts panes that leave and (rarely, for an event behind the watermark) adds panes back.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::agg::{Accumulator, Input};
+
+/// Floor division for pane and window arithmetic on possibly negative times.
+pub fn floor_div(a: i64, b: i64) -> i64 {
+    a.div_euclid(b)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Panes<A> {
+    /// Sorted by pane index; each pane holds at least one event.
+    panes: VecDeque<(i64, A)>,
+    /// The merge of every pane with index `>= running_from`.
+    running: A,
+    running_from: i64,
+    /// Start (in panes) of the earliest window not yet emitted by `on_window_close`.
+    closed_before: i64,
+}
+
+impl<A: Accumulator> Default for Panes<A> {
+    fn default() -> Self {
+        Panes {
+            panes: VecDeque::new(),
+            running: A::default(),
+            running_from: i64::MIN,
+            closed_before: i64::MIN,
+        }
+    }
+}
+
+impl<A: Accumulator> Panes<A> {
+    pub fn add(&mut self, pane: i64, input: &Input<'_, '_>) {
+        let at = match self.panes.back() {
+            Some((last, _)) if *last == pane => Ok(self.panes.len() - 1),
+            Some((last, _)) if *last < pane => Err(self.panes.len()),
+            None => Err(0),
+            Some(_) => self.panes.binary_search_by_key(&pane, |(p, _)| *p),
+        };
+        match at {
+            Ok(i) => self.panes[i].1.add(input),
+            Err(i) => {
+                let mut acc = A::default();
+                acc.add(input);
+                self.panes.insert(i, (pane, acc));
+            }
+        }
+        if pane >= self.running_from {
+            self.running.add(input);
+        }
+    }
+
+    /// Makes the running total cover panes `>= from`.
+    pub fn set_running_from(&mut self, from: i64) {
+        if from > self.running_from {
+            let mut exact = true;
+            for (p, acc) in &self.panes {
+                if *p >= from {
+                    break;
+                }
+                if *p >= self.running_from && !self.running.subtract(acc) {
+                    exact = false;
+                    break;
+                }
+            }
+            self.running_from = from;
+            if !exact {
+                self.rebuild();
+            }
+        } else if from < self.running_from {
+            for (p, acc) in &self.panes {
+                if *p >= self.running_from {
+                    break;
+                }
+                if *p >= from {
+                    self.running.merge(acc);
+                }
+            }
+            self.running_from = from;
+        }
+    }
+
+    fn rebuild(&mut self) {
+        let mut running = A::default();
+        for (p, acc) in &self.panes {
+            if *p >= self.running_from {
+                running.merge(acc);
+            }
+        }
+        self.running = running;
+    }
+
+    /// Drops panes below `pane` that are no longer part of the running total.
+    pub fn evict_below(&mut self, pane: i64) {
+        let limit = pane.min(self.running_from);
+        while self.panes.front().is_some_and(|(p, _)| *p < limit) {
+            self.panes.pop_front();
+        }
+    }
+
+    pub fn running(&self) -> &A {
+        &self.running
+    }
+
+    /// The oldest pane in the running total.
+    pub fn oldest_running(&self) -> Option<i64> {
+        self.panes
+            .iter()
+            .map(|(p, _)| *p)
+            .find(|p| *p >= self.running_from)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.panes.is_empty()
+    }
+
+    pub fn closed_before(&self) -> i64 {
+        self.closed_before
+    }
+
+    /// The first window (start pane) holding data that is not yet emitted.
+    pub fn next_window_to_close(&self, n: i64) -> Option<i64> {
+        let first = self
+            .panes
+            .iter()
+            .map(|(p, _)| *p)
+            .find(|p| p.saturating_add(n) > self.closed_before)?;
+        Some(self.closed_before.max(first - n + 1))
+    }
+
+    /// Emits every window holding data whose end (in ms) satisfies `is_closed`, in start order.
+    pub fn close_windows(
+        &mut self,
+        n: i64,
+        step: i64,
+        is_closed: impl Fn(i64) -> bool,
+        mut emit: impl FnMut(i64, i64, &A),
+    ) {
+        while let Some(start) = self.next_window_to_close(n) {
+            let end_ms = (start + n).saturating_mul(step);
+            if !is_closed(end_ms) {
+                break;
+            }
+            let mut acc = A::default();
+            for (p, pane) in &self.panes {
+                if *p >= start + n {
+                    break;
+                }
+                if *p >= start {
+                    acc.merge(pane);
+                }
+            }
+            if !acc.is_empty() {
+                emit(start.saturating_mul(step), end_ms, &acc);
+            }
+            self.closed_before = start + 1;
+        }
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.panes.capacity() * std::mem::size_of::<(i64, A)>()
+            + self
+                .panes
+                .iter()
+                .map(|(_, a)| a.heap_bytes())
+                .sum::<usize>()
+            + self.running.heap_bytes()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Session<A> {
+    pub start: i64,
+    pub last: i64,
+    pub acc: A,
+}
+
+/// An entity's sessions that may still grow or merge, sorted by start and disjoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sessions<A> {
+    list: Vec<Session<A>>,
+}
+
+impl<A> Default for Sessions<A> {
+    fn default() -> Self {
+        Sessions { list: Vec::new() }
+    }
+}
+
+impl<A: Accumulator> Sessions<A> {
+    pub fn add(&mut self, time: i64, gap: i64, input: &Input<'_, '_>) {
+        let joins = |s: &Session<A>| {
+            time > s.start.saturating_sub(gap) && time < s.last.saturating_add(gap)
+        };
+        let first = self.list.iter().position(joins);
+        match first {
+            None => {
+                let at = self.list.partition_point(|s| s.start < time);
+                let mut acc = A::default();
+                acc.add(input);
+                self.list.insert(
+                    at,
+                    Session {
+                        start: time,
+                        last: time,
+                        acc,
+                    },
+                );
+            }
+            Some(i) => {
+                // An event can bridge at most two neighbouring sessions.
+                if i + 1 < self.list.len() && joins(&self.list[i + 1]) {
+                    let next = self.list.remove(i + 1);
+                    let merged = &mut self.list[i];
+                    merged.acc.merge(&next.acc);
+                    merged.last = merged.last.max(next.last);
+                }
+                let s = &mut self.list[i];
+                s.acc.add(input);
+                s.start = s.start.min(time);
+                s.last = s.last.max(time);
+            }
+        }
+    }
+
+    /// The latest session if it is still open at watermark `w`.
+    pub fn open(&self, w: i64, gap: i64) -> Option<&A> {
+        self.list
+            .last()
+            .filter(|s| w <= s.last.saturating_add(gap))
+            .map(|s| &s.acc)
+    }
+
+    /// Removes sessions that can no longer change (`w > last + gap + lateness`).
+    pub fn finish(&mut self, w: i64, gap: i64, lateness: i64, mut emit: impl FnMut(&Session<A>)) {
+        while let Some(first) = self.list.first() {
+            if w > first.last.saturating_add(gap).saturating_add(lateness) {
+                emit(first);
+                self.list.remove(0);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The next watermark at which something about these sessions changes.
+    pub fn next_change(&self, w: i64, gap: i64, lateness: i64) -> Option<i64> {
+        let finish = self.list.first().map(|s| {
+            s.last
+                .saturating_add(gap)
+                .saturating_add(lateness)
+                .saturating_add(1)
+        });
+        let close = self
+            .list
+            .last()
+            .filter(|s| w <= s.last.saturating_add(gap))
+            .map(|s| s.last.saturating_add(gap).saturating_add(1));
+        match (finish, close) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.list.capacity() * std::mem::size_of::<Session<A>>()
+            + self.list.iter().map(|s| s.acc.heap_bytes()).sum::<usize>()
+    }
+}

@@ -1,0 +1,323 @@
+//! `featurestream replay`: the streaming operators over a file of historical events.
+//!
+//! Events are processed in file order as one input partition, so the records are exactly those
+//! a stream of the same events in the same order produces. Outputs in the output folder:
+//! `features.jsonl` (every emitted record), `rejected.jsonl` (every rejected or dead-lettered
+//! late event with its reason), `summary.json`, and a Parquet snapshot of every entity's final
+//! features under `parquet/<pipeline>/date=.../hour=.../`.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use base64::Engine as _;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::config::{OnLate, Pipeline};
+use crate::decode::json::JsonDecoder;
+use crate::decode::{DecodedEvent, RejectReason, Rejection, finish_event};
+use crate::engine::{Engine, FeatureValue, Outcome, RecordSink};
+use crate::io::jsonl::LineReader;
+use crate::io::parquet::{ParquetEvents, SnapshotBuilder, partition_dir, write_atomic};
+use crate::output::{write_update, write_window_closed};
+
+/// Writes emitted records as JSON lines.
+pub struct JsonlSink<W: Write> {
+    pipeline: Arc<Pipeline>,
+    out: W,
+    line: String,
+    pub records: u64,
+    pub error: Option<std::io::Error>,
+}
+
+impl<W: Write> JsonlSink<W> {
+    pub fn new(pipeline: Arc<Pipeline>, out: W) -> Self {
+        JsonlSink {
+            pipeline,
+            out,
+            line: String::with_capacity(256),
+            records: 0,
+            error: None,
+        }
+    }
+
+    fn write_line(&mut self) {
+        self.line.push('\n');
+        if self.error.is_none()
+            && let Err(e) = self.out.write_all(self.line.as_bytes())
+        {
+            self.error = Some(e);
+        }
+        self.records += 1;
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+impl<W: Write> RecordSink for JsonlSink<W> {
+    fn update(&mut self, entity: &str, as_of: i64, values: &[FeatureValue]) {
+        self.line.clear();
+        write_update(&mut self.line, &self.pipeline, entity, as_of, values);
+        self.write_line();
+    }
+
+    fn window_closed(
+        &mut self,
+        entity: &str,
+        feature: usize,
+        start: i64,
+        end: i64,
+        value: &FeatureValue,
+    ) {
+        self.line.clear();
+        write_window_closed(
+            &mut self.line,
+            &self.pipeline,
+            entity,
+            feature,
+            start,
+            end,
+            value,
+        );
+        self.write_line();
+    }
+}
+
+/// Counts that reconcile: `read = aggregated + rejected + late`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplaySummary {
+    pub read: u64,
+    pub aggregated: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub late: u64,
+    pub records: u64,
+    pub entities: usize,
+    pub state_bytes: usize,
+    pub watermark: Option<String>,
+    pub snapshot: Option<PathBuf>,
+    #[serde(skip)]
+    pub elapsed: Duration,
+}
+
+impl ReplaySummary {
+    pub fn reconciles(&self) -> bool {
+        self.read == self.aggregated + self.rejected + self.late
+    }
+}
+
+#[derive(Serialize)]
+struct RejectedLine<'a> {
+    line: u64,
+    reason: &'static str,
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload_base64: Option<String>,
+}
+
+struct Rejects {
+    out: BufWriter<File>,
+}
+
+impl Rejects {
+    fn write(&mut self, line: u64, rejection: &Rejection, payload: &[u8]) -> anyhow::Result<()> {
+        let (text, b64) = match std::str::from_utf8(payload) {
+            Ok(text) => (Some(text), None),
+            Err(_) => (
+                None,
+                Some(base64::engine::general_purpose::STANDARD.encode(payload)),
+            ),
+        };
+        let record = RejectedLine {
+            line,
+            reason: rejection.reason.as_str(),
+            error: &rejection.message,
+            payload: text,
+            payload_base64: b64,
+        };
+        serde_json::to_writer(&mut self.out, &record)?;
+        self.out.write_all(b"\n")?;
+        Ok(())
+    }
+}
+
+/// Runs the pipeline over `input` (JSONL, JSONL.gz or Parquet) and writes into `output`.
+pub fn replay(
+    pipeline: Arc<Pipeline>,
+    input: &Path,
+    output: &Path,
+    progress: bool,
+) -> anyhow::Result<ReplaySummary> {
+    let started = Instant::now();
+    fs::create_dir_all(output)
+        .with_context(|| format!("cannot create output folder {}", output.display()))?;
+    let features_path = output.join("features.jsonl");
+    let features_file = File::create(&features_path)
+        .with_context(|| format!("cannot create {}", features_path.display()))?;
+    let mut sink = JsonlSink::new(
+        Arc::clone(&pipeline),
+        BufWriter::with_capacity(1 << 20, features_file),
+    );
+    let rejected_path = output.join("rejected.jsonl");
+    let mut rejects = Rejects {
+        out: BufWriter::new(
+            File::create(&rejected_path)
+                .with_context(|| format!("cannot create {}", rejected_path.display()))?,
+        ),
+    };
+    let mut engine = Engine::new(Arc::clone(&pipeline));
+    engine.assign(0, 0);
+    let mut summary = ReplaySummary::default();
+    let mut reasons: BTreeMap<RejectReason, u64> = BTreeMap::new();
+
+    let mut handle = |summary: &mut ReplaySummary,
+                      engine: &mut Engine,
+                      sink: &mut JsonlSink<BufWriter<File>>,
+                      line: u64,
+                      decoded: Result<DecodedEvent<'_>, Rejection>,
+                      payload: &[u8]|
+     -> anyhow::Result<()> {
+        summary.read += 1;
+        match decoded {
+            Err(rejection) => {
+                summary.rejected += 1;
+                *reasons.entry(rejection.reason).or_default() += 1;
+                rejects.write(line, &rejection, payload)?;
+            }
+            Ok(event) => match engine.process(0, &event, 0, sink) {
+                Outcome::Aggregated => summary.aggregated += 1,
+                Outcome::Late { watermark } => {
+                    summary.late += 1;
+                    if pipeline.source.on_late == OnLate::Dlq {
+                        let message = format!(
+                            "event time {} is older than the watermark {} minus allowed lateness",
+                            crate::decode::time::format_rfc3339_ms(event.time_ms),
+                            crate::decode::time::format_rfc3339_ms(watermark)
+                        );
+                        rejects.write(
+                            line,
+                            &Rejection::new(RejectReason::Late, message),
+                            payload,
+                        )?;
+                    }
+                }
+            },
+        }
+        if let Some(e) = sink.error.take() {
+            return Err(
+                anyhow::Error::new(e).context(format!("cannot write {}", features_path.display()))
+            );
+        }
+        Ok(())
+    };
+
+    let is_parquet = input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    if is_parquet {
+        let mut rows = ParquetEvents::open(input)?;
+        let mut line = 0u64;
+        while let Some(row) = rows.next_row(&pipeline) {
+            let row = row?;
+            line += 1;
+            let decoded = match row.values {
+                Ok(values) => finish_event(&pipeline.source, values),
+                Err(message) => Err(Rejection::new(RejectReason::Schema, message)),
+            };
+            handle(
+                &mut summary,
+                &mut engine,
+                &mut sink,
+                line,
+                decoded,
+                row.json.as_bytes(),
+            )?;
+        }
+    } else {
+        let decoder = JsonDecoder::new(&pipeline.source);
+        let mut reader = LineReader::open(input)
+            .with_context(|| format!("cannot open input {}", input.display()))?;
+        let bar = progress.then(|| {
+            let bar = ProgressBar::new(reader.total_bytes);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        let mut buf = Vec::with_capacity(1024);
+        let mut line = 0u64;
+        while reader
+            .next_line(&mut buf)
+            .with_context(|| format!("cannot read {}", input.display()))?
+        {
+            line += 1;
+            if buf.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let decoded = decoder.decode(&buf);
+            handle(&mut summary, &mut engine, &mut sink, line, decoded, &buf)?;
+            if let Some(bar) = &bar
+                && line % 8192 == 0
+            {
+                bar.set_position(reader.bytes_read());
+                bar.set_message(format!("{} events", summary.read));
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+    }
+
+    summary.records = sink.records;
+    let mut out = sink.into_inner();
+    out.flush()
+        .with_context(|| format!("cannot write {}", features_path.display()))?;
+    rejects
+        .out
+        .flush()
+        .with_context(|| format!("cannot write {}", rejected_path.display()))?;
+    summary.rejected_by_reason = reasons
+        .into_iter()
+        .map(|(r, n)| (r.as_str().to_string(), n))
+        .collect();
+
+    let stats = engine.state_stats();
+    summary.entities = stats.entities;
+    summary.state_bytes = stats.bytes;
+    summary.watermark = engine
+        .watermark()
+        .map(crate::decode::time::format_rfc3339_ms);
+
+    // The final snapshot describes the state as of the replay's watermark.
+    let snapshot_time = engine.watermark().unwrap_or(0);
+    let mut rows = SnapshotBuilder::new(&pipeline);
+    engine.for_each_entity(|entity, as_of, values| rows.push(entity, as_of, values));
+    let batch = rows.finish(snapshot_time)?;
+    let dir = partition_dir(&output.join("parquet"), &pipeline.name, snapshot_time);
+    summary.snapshot = Some(write_atomic(
+        &dir,
+        &format!("snapshot-{snapshot_time}.parquet"),
+        &batch,
+    )?);
+    summary.elapsed = started.elapsed();
+
+    let summary_path = output.join("summary.json");
+    fs::write(
+        &summary_path,
+        serde_json::to_string_pretty(&summary)? + "\n",
+    )
+    .with_context(|| format!("cannot write {}", summary_path.display()))?;
+    Ok(summary)
+}
