@@ -175,7 +175,10 @@ cds_opts() { # $1 = java binary, $2 = archive path without extension
 
 # The registry's java: REGISTRY_JAVA, else the first Java 21+ found (Apicurio 3.3 is built for 21).
 find_registry_java() {
-  if [[ -n "${REGISTRY_JAVA:-}" ]]; then echo "$REGISTRY_JAVA"; return; fi
+  if [[ -n "${REGISTRY_JAVA:-}" ]]; then
+    (( $(java_major "$REGISTRY_JAVA") >= 21 )) || return 1
+    echo "$REGISTRY_JAVA"; return
+  fi
   if (( $(java_major "$JAVA") >= 21 )); then echo "$JAVA"; return; fi
   local j m best="" best_m=0
   for j in /usr/lib/jvm/*/bin/java; do
@@ -372,7 +375,7 @@ cmd_up() {
   local registry_java=""
   if registry_wanted; then
     registry_java=$(find_registry_java) || {
-      err "apicurio registry $APICURIO_VERSION needs Java 21+ and none was found; set REGISTRY_JAVA=/path/to/bin/java (or KAFKA_ONLY=1)"
+      err "apicurio registry $APICURIO_VERSION needs Java 21+: ${REGISTRY_JAVA:+REGISTRY_JAVA=$REGISTRY_JAVA is not one, }none found; set REGISTRY_JAVA=/path/to/bin/java (or KAFKA_ONLY=1)"
       exit 1
     }
   fi
