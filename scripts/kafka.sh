@@ -21,7 +21,7 @@
 #   KAFKA_VERSION [4.1.2]    APICURIO_VERSION [3.3.3]
 #   KAFKA_HEAP_OPTS [-Xms128m -Xmx512m]  REGISTRY_HEAP_OPTS [-Xms64m -Xmx384m]
 #   KAFKA_START_TIMEOUT [120] seconds   KAFKA_STOP_TIMEOUT [30] seconds
-#   FEATURESTREAM_CDS [1]    0: no class-data archives (faster JVM start; kept in the cache)
+#   FEATURESTREAM_CDS [1]    1: JVM class-data archives, kept in the cache, cut start time; 0: none
 #   JAVA_HOME                Kafka's java: $JAVA_HOME/bin/java, else java on PATH (Java 17+)
 #   REGISTRY_JAVA            the registry's java; Apicurio 3.3 needs Java 21+, so by default the
 #                            Kafka's java if 21+, else the newest /usr/lib/jvm/*/bin/java
@@ -88,14 +88,14 @@ start_detached() { # $1 = name, $2 = log file, $3 = working dir, rest = command
   local name=$1 log=$2 dir=$3; shift 3
   (
     cd "$dir" || exit 1
-    for fd in /proc/$BASHPID/fd/*; do
+    for fd in "/proc/$BASHPID/fd/"*; do
       fd=${fd##*/}
       if (( fd > 2 )); then eval "exec $fd>&-" 2>/dev/null || true; fi
     done
+    # shellcheck disable=SC2016  # expanded by the inner bash
     exec setsid bash -c 'echo $$ >"$0"; exec "$@"' "$RUN_DIR/$name.pid" "$@" </dev/null >"$log" 2>&1
   ) &
-  local i
-  for i in $(seq 50); do [[ -s "$RUN_DIR/$name.pid" ]] && return 0; sleep 0.1; done
+  for _ in $(seq 50); do [[ -s "$RUN_DIR/$name.pid" ]] && return 0; sleep 0.1; done
   err "$name did not start"; tail_log "$name" "$log"; exit 1
 }
 
@@ -116,7 +116,10 @@ stop_all() {
     if (( waited >= STOP_TIMEOUT * 10 )); then
       say "still running after ${STOP_TIMEOUT}s, sending SIGKILL to ${alive[*]}"
       kill -KILL "${alive[@]}" 2>/dev/null || true
-      sleep 0.5
+      for _ in $(seq 50); do
+        kill -0 "${alive[@]}" 2>/dev/null || break
+        sleep 0.1
+      done
       break
     fi
     sleep 0.1; waited=$((waited + 1))
@@ -201,7 +204,7 @@ ensure_kafka() {
   mvn_run "$RUN_DIR/mvn-kafka.log" dependency:copy-dependencies@kafka-libs
   [[ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]] || { err "kafka_2.13 jar missing in $KAFKA_LIBS"; exit 1; }
   touch "$KAFKA_HOME/.complete"
-  say "kafka jars ready: $(ls "$KAFKA_LIBS" | wc -l) jars, $(du -sh "$KAFKA_LIBS" | cut -f1)"
+  say "kafka jars ready: $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars, $(du -sh "$KAFKA_LIBS" | cut -f1)"
 }
 
 ensure_registry() {
@@ -295,7 +298,7 @@ new_cluster_id() {
   local hex id
   while :; do
     hex=$(tr -d '-' </proc/sys/kernel/random/uuid)
-    # shellcheck disable=SC2059
+    # shellcheck disable=SC2059,SC2001
     id=$(printf "$(sed 's/../\\x&/g' <<<"$hex")" | base64 | tr '+/' '-_' | tr -d '=')
     [[ ${#id} -eq 22 && "$id" != -* ]] && { echo "$id"; return; }
   done
@@ -375,13 +378,24 @@ cmd_up() {
   local registry_java=""
   if registry_wanted; then
     registry_java=$(find_registry_java) || {
-      err "apicurio registry $APICURIO_VERSION needs Java 21+: ${REGISTRY_JAVA:+REGISTRY_JAVA=$REGISTRY_JAVA is not one, }none found; set REGISTRY_JAVA=/path/to/bin/java (or KAFKA_ONLY=1)"
+      if [[ -n "${REGISTRY_JAVA:-}" ]]; then
+        err "apicurio registry $APICURIO_VERSION needs Java 21+; REGISTRY_JAVA=$REGISTRY_JAVA is not"
+      else
+        err "apicurio registry $APICURIO_VERSION needs Java 21+ and none was found; set REGISTRY_JAVA=/path/to/bin/java (or KAFKA_ONLY=1)"
+      fi
       exit 1
     }
   fi
 
+  # wipe the run dir, but only one this script made (FEATURESTREAM_RUN_DIR could point anywhere)
+  if [[ -d "$RUN_DIR" && -n "$(ls -A "$RUN_DIR")" && ! -f "$RUN_DIR/.featurestream-kafka" ]] &&
+     ! grep -qs 'written by scripts/kafka.sh' "$RUN_DIR/server.properties"; then
+    err "$RUN_DIR is not empty and was not made by kafka.sh; refusing to wipe it (set FEATURESTREAM_RUN_DIR)"
+    exit 1
+  fi
   rm -rf "$RUN_DIR"
   mkdir -p "$RUN_DIR" "$CACHE_DIR"
+  touch "$RUN_DIR/.featurestream-kafka"
   ensure_kafka
   registry_wanted && ensure_registry
 
