@@ -105,9 +105,10 @@ fn main() {
             "approved"
         };
         let line = format!(
-            r#"{{"card_id":"card_{card:06}","merchant_id":"m_{:05}","amount":{amount},"currency":"EUR","status":"{status}","country":"{}","channel":"ecommerce","ts":"{}"}}"#,
+            r#"{{"card_id":"card_{card:06}","merchant_id":"m_{:05}","amount":{amount},"currency":"EUR","status":"{status}","country":"{}","channel":"ecommerce","device_id":"dev_{:08x}","ts":"{}"}}"#,
             merchants.sample(&mut rng),
             countries[(rng.next() % 10) as usize],
+            rng.next() as u32,
             format_rfc3339_ms(ts),
         );
         bytes += line.len();

@@ -440,12 +440,21 @@ impl<const LAST: bool> Accumulator for EdgeAcc<LAST> {
 }
 
 /// Exact distinct count over 64-bit value hashes, with multiplicities so that panes subtract.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DistinctAcc {
-    /// Sorted by hash.
-    counts: Vec<(u64, u32)>,
+/// Small sets are a sorted vector (compact, cache-friendly); past `DISTINCT_MAP_AT` values they
+/// move to a hash map so that inserts stay O(1) for entities with many distinct values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DistinctAcc {
+    Small(Vec<(u64, u32)>),
+    Large(rustc_hash::FxHashMap<u64, u32>),
 }
 
+const DISTINCT_MAP_AT: usize = 64;
+
+impl Default for DistinctAcc {
+    fn default() -> Self {
+        DistinctAcc::Small(Vec::new())
+    }
+}
 fn value_hash(value: &Value<'_>) -> u64 {
     let mut h = rustc_hash::FxHasher::default();
     match value {
@@ -477,9 +486,57 @@ fn value_hash(value: &Value<'_>) -> u64 {
 
 impl DistinctAcc {
     fn add_hash(&mut self, hash: u64, count: u32) {
-        match self.counts.binary_search_by_key(&hash, |(h, _)| *h) {
-            Ok(i) => self.counts[i].1 += count,
-            Err(i) => self.counts.insert(i, (hash, count)),
+        match self {
+            DistinctAcc::Small(v) => {
+                match v.binary_search_by_key(&hash, |(h, _)| *h) {
+                    Ok(i) => v[i].1 += count,
+                    Err(i) => v.insert(i, (hash, count)),
+                }
+                if v.len() > DISTINCT_MAP_AT {
+                    *self = DistinctAcc::Large(v.iter().copied().collect());
+                }
+            }
+            DistinctAcc::Large(m) => *m.entry(hash).or_default() += count,
+        }
+    }
+
+    /// Removes `count` occurrences; false if they were not there.
+    fn remove_hash(&mut self, hash: u64, count: u32) -> bool {
+        match self {
+            DistinctAcc::Small(v) => match v.binary_search_by_key(&hash, |(h, _)| *h) {
+                Ok(i) if v[i].1 >= count => {
+                    v[i].1 -= count;
+                    if v[i].1 == 0 {
+                        v.remove(i);
+                    }
+                    true
+                }
+                _ => false,
+            },
+            DistinctAcc::Large(m) => match m.get_mut(&hash) {
+                Some(c) if *c >= count => {
+                    *c -= count;
+                    if *c == 0 {
+                        m.remove(&hash);
+                    }
+                    true
+                }
+                _ => false,
+            },
+        }
+    }
+
+    fn entries(&self) -> Box<dyn Iterator<Item = (u64, u32)> + '_> {
+        match self {
+            DistinctAcc::Small(v) => Box::new(v.iter().copied()),
+            DistinctAcc::Large(m) => Box::new(m.iter().map(|(h, c)| (*h, *c))),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            DistinctAcc::Small(v) => v.len(),
+            DistinctAcc::Large(m) => m.len(),
         }
     }
 }
@@ -489,32 +546,33 @@ impl Accumulator for DistinctAcc {
         self.add_hash(value_hash(input.value), 1);
     }
     fn merge(&mut self, other: &Self) {
-        for &(h, c) in &other.counts {
+        for (h, c) in other.entries() {
             self.add_hash(h, c);
         }
     }
     fn subtract(&mut self, other: &Self) -> bool {
-        for &(h, c) in &other.counts {
-            match self.counts.binary_search_by_key(&h, |(k, _)| *k) {
-                Ok(i) if self.counts[i].1 >= c => {
-                    self.counts[i].1 -= c;
-                    if self.counts[i].1 == 0 {
-                        self.counts.remove(i);
-                    }
-                }
-                _ => return false,
-            }
+        let ok = other.entries().all(|(h, c)| self.remove_hash(h, c));
+        if ok
+            && let DistinctAcc::Large(m) = self
+            && m.len() < DISTINCT_MAP_AT / 2
+        {
+            let mut v: Vec<(u64, u32)> = m.iter().map(|(h, c)| (*h, *c)).collect();
+            v.sort_unstable();
+            *self = DistinctAcc::Small(v);
         }
-        true
+        ok
     }
     fn is_empty(&self) -> bool {
-        self.counts.is_empty()
+        self.len() == 0
     }
     fn output(&self, _: Agg, _: ValueType) -> FeatureValue {
-        FeatureValue::Int(self.counts.len() as i64)
+        FeatureValue::Int(self.len() as i64)
     }
     fn heap_bytes(&self) -> usize {
-        self.counts.capacity() * std::mem::size_of::<(u64, u32)>()
+        match self {
+            DistinctAcc::Small(v) => v.capacity() * std::mem::size_of::<(u64, u32)>(),
+            DistinctAcc::Large(m) => m.capacity() * (std::mem::size_of::<(u64, u32)>() + 1),
+        }
     }
 }
 

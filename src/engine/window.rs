@@ -60,15 +60,18 @@ impl<A: Accumulator> Panes<A> {
         }
     }
 
+    /// Index in `panes` of the first pane with index `>= pane`.
+    fn position(&self, pane: i64) -> usize {
+        self.panes.partition_point(|(p, _)| *p < pane)
+    }
+
     /// Makes the running total cover panes `>= from`.
     pub fn set_running_from(&mut self, from: i64) {
         if from > self.running_from {
+            let (lo, hi) = (self.position(self.running_from), self.position(from));
             let mut exact = true;
-            for (p, acc) in &self.panes {
-                if *p >= from {
-                    break;
-                }
-                if *p >= self.running_from && !self.running.subtract(acc) {
+            for (_, acc) in self.panes.range(lo..hi) {
+                if !self.running.subtract(acc) {
                     exact = false;
                     break;
                 }
@@ -78,13 +81,9 @@ impl<A: Accumulator> Panes<A> {
                 self.rebuild();
             }
         } else if from < self.running_from {
-            for (p, acc) in &self.panes {
-                if *p >= self.running_from {
-                    break;
-                }
-                if *p >= from {
-                    self.running.merge(acc);
-                }
+            let (lo, hi) = (self.position(from), self.position(self.running_from));
+            for (_, acc) in self.panes.range(lo..hi) {
+                self.running.merge(acc);
             }
             self.running_from = from;
         }
@@ -92,10 +91,8 @@ impl<A: Accumulator> Panes<A> {
 
     fn rebuild(&mut self) {
         let mut running = A::default();
-        for (p, acc) in &self.panes {
-            if *p >= self.running_from {
-                running.merge(acc);
-            }
+        for (_, acc) in self.panes.range(self.position(self.running_from)..) {
+            running.merge(acc);
         }
         self.running = running;
     }
@@ -115,9 +112,8 @@ impl<A: Accumulator> Panes<A> {
     /// The oldest pane in the running total.
     pub fn oldest_running(&self) -> Option<i64> {
         self.panes
-            .iter()
+            .get(self.position(self.running_from))
             .map(|(p, _)| *p)
-            .find(|p| *p >= self.running_from)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -132,9 +128,8 @@ impl<A: Accumulator> Panes<A> {
     pub fn next_window_to_close(&self, n: i64) -> Option<i64> {
         let first = self
             .panes
-            .iter()
-            .map(|(p, _)| *p)
-            .find(|p| p.saturating_add(n) > self.closed_before)?;
+            .get(self.position(self.closed_before.saturating_sub(n - 1)))?
+            .0;
         Some(self.closed_before.max(first - n + 1))
     }
 
