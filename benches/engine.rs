@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use featurestream::config::compile_source;
 use featurestream::decode::json::JsonDecoder;
-use featurestream::decode::time::format_rfc3339_ms;
 use featurestream::engine::{CountingSink, Engine, Outcome};
+use featurestream::sample::CardEvents;
 
 const PIPELINE: &str = r#"
 name: bench_card_fraud
@@ -36,44 +36,6 @@ features:
 state: { entity_ttl: 7d }
 "#;
 
-/// xorshift64*: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Zipf(s) over `n` ranks by inverse CDF.
-struct Zipf(Vec<f64>);
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Zipf {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=n)
-            .map(|k| {
-                acc += 1.0 / (k as f64).powf(s);
-                acc
-            })
-            .collect();
-        for c in &mut cdf {
-            *c /= acc;
-        }
-        Zipf(cdf)
-    }
-    fn sample(&self, rng: &mut Rng) -> usize {
-        let u = rng.unit();
-        self.0.partition_point(|c| *c < u).min(self.0.len() - 1)
-    }
-}
-
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -85,35 +47,13 @@ fn main() {
     let events = env("BENCH_EVENTS", 3_000_000) as usize;
     let entities = env("BENCH_ENTITIES", 100_000) as usize;
     let rate = env("BENCH_RATE", 200).max(1);
-    let mut rng = Rng(env("BENCH_SEED", 42) | 1);
-    let cards = Zipf::new(entities, 0.9);
-    let merchants = Zipf::new(20_000, 1.1);
-    let countries = ["US", "GB", "DE", "FR", "NL", "ES", "IT", "BR", "IN", "JP"];
-
     // Build the input first: generation is not part of what is measured.
     let start_ms = 1_772_323_200_000i64; // 2026-03-01T00:00:00Z
-    let mut payloads: Vec<Vec<u8>> = Vec::with_capacity(events);
-    let mut bytes = 0usize;
-    for i in 0..events {
-        let card = cards.sample(&mut rng);
-        let jitter = (rng.next() % 3000) as i64;
-        let ts = start_ms + (i as i64 * 1000) / rate as i64 - jitter;
-        let amount = ((rng.unit() * 4.0).exp() * 100.0).round() / 100.0;
-        let status = if rng.next() % 25 == 0 {
-            "declined"
-        } else {
-            "approved"
-        };
-        let line = format!(
-            r#"{{"card_id":"card_{card:06}","merchant_id":"m_{:05}","amount":{amount},"currency":"EUR","status":"{status}","country":"{}","channel":"ecommerce","device_id":"dev_{:08x}","ts":"{}"}}"#,
-            merchants.sample(&mut rng),
-            countries[(rng.next() % 10) as usize],
-            rng.next() as u32,
-            format_rfc3339_ms(ts),
-        );
-        bytes += line.len();
-        payloads.push(line.into_bytes());
-    }
+    let mut generator = CardEvents::new(env("BENCH_SEED", 42), entities, start_ms, rate as f64);
+    let payloads: Vec<Vec<u8>> = (0..events)
+        .map(|_| generator.next_event().1.into_bytes())
+        .collect();
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
 
     let pipeline =
         Arc::new(compile_source("bench.yaml", PIPELINE).expect("bench pipeline compiles"));

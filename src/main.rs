@@ -28,6 +28,41 @@ enum Command {
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
     },
+    /// Run a pipeline as a service: consume Kafka, emit features, serve look-ups.
+    Run {
+        pipeline: PathBuf,
+        /// Serve the HTTP API (look-ups, /metrics, /healthz, /readyz) on this address.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+        /// Override source.kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Override state.dir (where checkpoints live).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Stop cleanly after this many input records (benchmarks).
+        #[arg(long, hide = true)]
+        stop_after: Option<u64>,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// See everything run with nothing installed: in-process Kafka, generated events, the
+    /// quickstart pipeline, features to a topic, Parquet and the HTTP API.
+    Demo {
+        /// How many card transactions to generate.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value_t = 20_000)]
+        cards: usize,
+        /// Where the demo writes Parquet and state.
+        #[arg(long, default_value = "featurestream-demo")]
+        out: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// Keep serving the HTTP API after the run, until Ctrl-C.
+        #[arg(long)]
+        serve: bool,
+    },
     /// Run a pipeline over a file of historical events (JSONL, JSONL.gz or Parquet).
     Replay {
         pipeline: PathBuf,
@@ -39,6 +74,122 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs to stderr: readable text, or one JSON object per line; `RUST_LOG` filters.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Installs the Prometheus recorder; latency metrics become histograms.
+fn init_metrics() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0,
+        ])
+        .ok()?;
+    let handle = builder.install_recorder().ok()?;
+    for (name, help) in featurestream::telemetry::ALL {
+        metrics::describe_counter!(*name, *help);
+    }
+    Some(handle)
+}
+
+/// Sets `stop` on SIGINT or SIGTERM; a second signal exits at once.
+async fn wait_for_signal(stop: Arc<std::sync::atomic::AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("Cannot listen for SIGTERM: {e}");
+            return;
+        }
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!(
+                "Shutdown requested: stopping fetches, finishing in-flight work, flushing and committing."
+            );
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            tracing::warn!("Second shutdown signal: exiting now without a final checkpoint.");
+            std::process::exit(130);
+        }
+    }
+}
+
+fn run_command(
+    pipeline: Arc<Pipeline>,
+    options: featurestream::runtime::RunOptions,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> ExitCode {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shared = featurestream::runtime::Shared::new(pipeline, Arc::clone(&stop));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.spawn(wait_for_signal(Arc::clone(&stop)));
+    let http_stop = Arc::new(tokio::sync::Notify::new());
+    if let Some(addr) = options.http {
+        let state = featurestream::serve::AppState {
+            shared: Arc::clone(&shared),
+            metrics,
+        };
+        let notify = Arc::clone(&http_stop);
+        let stop_on_error = Arc::clone(&stop);
+        runtime.spawn(async move {
+            let shutdown = async move { notify.notified().await };
+            if let Err(e) = featurestream::serve::serve(addr, state, shutdown).await {
+                tracing::error!("The HTTP API cannot serve on {addr}: {e}");
+                stop_on_error.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    }
+    let worker_shared = Arc::clone(&shared);
+    let result = std::thread::Builder::new()
+        .name("featurestream-engine".into())
+        .spawn(move || featurestream::runtime::run_service(worker_shared, &options))
+        .map_err(anyhow::Error::from)
+        .and_then(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("the processing thread panicked"))?
+        });
+    http_stop.notify_waiters();
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("featurestream stopped with an error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn describe(pipeline: &Pipeline) -> String {
@@ -88,6 +239,62 @@ fn describe(pipeline: &Pipeline) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run {
+            pipeline,
+            http,
+            brokers,
+            state_dir,
+            stop_after,
+            log_format,
+        } => {
+            init_logging(log_format);
+            let loaded = match Pipeline::load(&pipeline) {
+                Ok(p) => Arc::new(p),
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(1);
+                }
+            };
+            let metrics = init_metrics();
+            let options = featurestream::runtime::RunOptions {
+                http,
+                brokers,
+                state_dir,
+                parquet_dir: None,
+                stop_after_events: stop_after,
+            };
+            run_command(loaded, options, metrics)
+        }
+        Command::Demo {
+            events,
+            cards,
+            out,
+            http,
+            serve,
+        } => {
+            if std::env::var_os("RUST_LOG").is_some() {
+                init_logging(LogFormat::Text);
+            }
+            let metrics = init_metrics();
+            let options = featurestream::demo::DemoOptions {
+                events,
+                cards,
+                out_dir: out.clone(),
+                http: Some(http),
+                serve,
+                progress: std::io::stderr().is_terminal(),
+            };
+            match featurestream::demo::run_demo(options, metrics) {
+                Ok(outcome) => {
+                    featurestream::demo::print_outcome(&outcome, &out, events);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Validate { pipelines } => {
             let mut failed = false;
             for path in &pipelines {

@@ -11,6 +11,25 @@ use super::*;
 const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
 const DEFAULT_IDLE_TIMEOUT_MS: i64 = 30_000;
 const DEFAULT_ENTITY_TTL_MS: i64 = 7 * 86_400_000;
+const DEFAULT_STATE_DIR: &str = "data/state";
+const DEFAULT_CHECKPOINT_EVERY_MS: i64 = 5_000;
+
+/// The `state:` section.
+struct StateSection {
+    entity_ttl_ms: Option<i64>,
+    dir: String,
+    checkpoint_every_ms: i64,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        StateSection {
+            entity_ttl_ms: Some(DEFAULT_ENTITY_TTL_MS),
+            dir: DEFAULT_STATE_DIR.to_string(),
+            checkpoint_every_ms: DEFAULT_CHECKPOINT_EVERY_MS,
+        }
+    }
+}
 
 /// Returns ` (did you mean `x`?)` when a candidate is close to `word`, else an empty string.
 pub fn suggestion(word: &str, candidates: &[&str]) -> String {
@@ -255,19 +274,20 @@ impl Compiler {
         let sinks = top
             .get("sinks")
             .map_or(Some(Sinks::default()), |n| self.sinks(n));
-        let entity_ttl_ms = match top.get("state") {
-            None => Some(Some(DEFAULT_ENTITY_TTL_MS)),
+        let state = match top.get("state") {
+            None => Some(StateSection::default()),
             Some(node) => self.state(node),
         };
-        let (name, source, features, sinks, entity_ttl_ms) =
-            (name?, source?, features?, sinks?, entity_ttl_ms?);
+        let (name, source, features, sinks, state) = (name?, source?, features?, sinks?, state?);
         let pipeline = Pipeline {
             name,
             source,
             features,
             sinks,
             dead_letter_topic,
-            entity_ttl_ms,
+            entity_ttl_ms: state.entity_ttl_ms,
+            state_dir: state.dir,
+            checkpoint_every_ms: state.checkpoint_every_ms,
         };
         self.cross_checks(&top, &pipeline);
         Some(pipeline)
@@ -1044,13 +1064,27 @@ impl Compiler {
         })
     }
 
-    fn state(&mut self, node: &Node) -> Option<Option<i64>> {
-        let entries = self.mapping(node, "state", &["entity_ttl"])?;
-        match entries.get("entity_ttl") {
-            None => Some(Some(DEFAULT_ENTITY_TTL_MS)),
+    fn state(&mut self, node: &Node) -> Option<StateSection> {
+        let entries = self.mapping(node, "state", &["entity_ttl", "dir", "checkpoint_every"])?;
+        let defaults = StateSection::default();
+        let entity_ttl_ms = match entries.get("entity_ttl") {
+            None => Some(defaults.entity_ttl_ms),
             Some(n) if n.as_scalar() == Some("never") => Some(None),
             Some(n) => self.positive_duration(n, "state.entity_ttl").map(Some),
-        }
+        };
+        let dir = match entries.get("dir") {
+            None => Some(defaults.dir),
+            Some(n) => self.string(n, "state.dir"),
+        };
+        let checkpoint_every_ms = match entries.get("checkpoint_every") {
+            None => Some(defaults.checkpoint_every_ms),
+            Some(n) => self.positive_duration(n, "state.checkpoint_every"),
+        };
+        Some(StateSection {
+            entity_ttl_ms: entity_ttl_ms?,
+            dir: dir?,
+            checkpoint_every_ms: checkpoint_every_ms?,
+        })
     }
 
     /// Rules that involve more than one section of the file.

@@ -263,6 +263,10 @@ pub struct Pipeline {
     pub dead_letter_topic: Option<String>,
     /// `None` means entities never expire.
     pub entity_ttl_ms: Option<i64>,
+    /// Where `run` keeps its per-partition checkpoints.
+    pub state_dir: String,
+    /// How often `run` makes outputs durable, saves state and commits input offsets.
+    pub checkpoint_every_ms: i64,
 }
 
 impl Pipeline {

@@ -4,7 +4,9 @@
 //! field) or a [`Rejection`] that says why, in words a user can act on. Decoders never panic on
 //! input and never stop the stream: every byte sequence maps to one of the two.
 
+pub mod avro;
 pub mod json;
+pub mod registry;
 pub mod time;
 
 use std::borrow::Cow;

@@ -1,0 +1,151 @@
+//! Kafka clients: configuration (our defaults, then the pipeline's librdkafka `options`),
+//! librdkafka's logs routed into `tracing`, and the start-up check that the topics exist,
+//! retried while the brokers cannot be reached.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaOptions;
+
+/// Client settings: bootstrap servers, then our settings, then the user's `options` (which win).
+pub fn client_config(brokers: &str, ours: &[(&str, &str)], options: &KafkaOptions) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    config.set("client.id", "featurestream");
+    for (k, v) in ours {
+        config.set(*k, *v);
+    }
+    for (k, v) in options.iter() {
+        config.set(k, v);
+    }
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    config
+}
+
+/// Routes librdkafka's own log lines and errors into `tracing`.
+#[derive(Default, Clone)]
+pub struct LoggingContext;
+
+impl ClientContext for LoggingContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_line(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_error(&error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LoggingContext {}
+
+pub fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(facility, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(facility, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(facility, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(facility, "librdkafka: {message}"),
+    }
+}
+
+pub fn log_error(error: &KafkaError, reason: &str) {
+    match error.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::AllBrokersDown) => {
+            tracing::warn!("No Kafka broker is reachable; retrying until one is ({reason}).")
+        }
+        Some(RDKafkaErrorCode::BrokerTransportFailure) => {
+            tracing::warn!("Lost the connection to a Kafka broker; reconnecting ({reason}).")
+        }
+        _ => tracing::warn!("Kafka client error: {error} ({reason})"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicCheckError {
+    #[error("topic `{topic}` does not exist on {brokers} (it is the {role}); create it first")]
+    Missing {
+        topic: String,
+        role: &'static str,
+        brokers: String,
+    },
+    #[error("cannot read metadata for topic `{topic}` on {brokers}: {error}")]
+    Metadata {
+        topic: String,
+        brokers: String,
+        error: String,
+    },
+    #[error("stopped before Kafka could be reached")]
+    Stopped,
+    #[error("cannot create a Kafka client: {0}")]
+    Client(#[from] KafkaError),
+}
+
+/// Waits until the brokers answer, then checks that every topic exists. While the brokers are
+/// unreachable it logs and retries (until `stop` is set); a missing topic is an error at once.
+pub fn check_topics(
+    brokers: &str,
+    options: &KafkaOptions,
+    topics: &[(&str, &'static str)],
+    stop: &Arc<AtomicBool>,
+) -> Result<(), TopicCheckError> {
+    let client: BaseConsumer<LoggingContext> =
+        client_config(brokers, &[], options).create_with_context(LoggingContext)?;
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(250);
+    for (topic, role) in topics {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(TopicCheckError::Stopped);
+            }
+            match client.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(metadata) => {
+                    let found = metadata.topics().iter().find(|t| t.name() == *topic);
+                    match found.and_then(|t| t.error()) {
+                        None if found.is_some_and(|t| !t.partitions().is_empty()) => break,
+                        Some(
+                            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART,
+                        )
+                        | None => {
+                            return Err(TopicCheckError::Missing {
+                                topic: topic.to_string(),
+                                role,
+                                brokers: brokers.to_string(),
+                            });
+                        }
+                        Some(code) => {
+                            return Err(TopicCheckError::Metadata {
+                                topic: topic.to_string(),
+                                brokers: brokers.to_string(),
+                                error: format!("{code:?}"),
+                            });
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        "Cannot reach Kafka at {brokers} ({error}); retrying in {:.1}s (waiting {:.0}s so far).",
+                        backoff.as_secs_f64(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+    Ok(())
+}

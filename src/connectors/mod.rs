@@ -1,0 +1,3 @@
+//! Connections to the outside world that the service uses: Kafka clients.
+
+pub mod kafka;

@@ -1,0 +1,141 @@
+//! Durable per-partition checkpoints in the state folder: the partition's engine state, the
+//! next input offset it has not seen, and the pipeline watermark, written atomically.
+//!
+//! Order of work that makes at-least-once hold: outputs acknowledged, then the checkpoint file
+//! synced, then the offset committed to Kafka. After a crash the consumer may restart from an
+//! older committed offset; records below the checkpoint's offset are then skipped, because the
+//! restored state already holds them.
+
+use std::fs::{self, File};
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::config::Pipeline;
+
+const MAGIC: &[u8; 8] = b"FSCKPT01";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot write checkpoint {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read checkpoint {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "checkpoint {path} was written by a different pipeline definition (features, windows or schema changed); \
+         move the state folder away or use a new group_id to start from scratch"
+    )]
+    Incompatible { path: PathBuf },
+    #[error("checkpoint {path} is damaged")]
+    Damaged { path: PathBuf },
+}
+
+pub struct Checkpoint {
+    pub next_offset: i64,
+    pub watermark: Option<i64>,
+    pub state: Vec<u8>,
+}
+
+pub struct CheckpointStore {
+    dir: PathBuf,
+    topic: String,
+    fingerprint: u64,
+}
+
+/// Identifies what the state means: any change to features, windows, schema or time rules
+/// makes old state unusable.
+fn fingerprint(pipeline: &Pipeline) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    format!(
+        "{:?}|{:?}|{}|{}|{}|{:?}|{:?}",
+        pipeline.features,
+        pipeline.source.schema,
+        pipeline.source.entity,
+        pipeline.source.event_time,
+        pipeline.source.allowed_lateness_ms,
+        pipeline.entity_ttl_ms,
+        pipeline.emit()
+    )
+    .hash(&mut h);
+    h.finish()
+}
+
+impl CheckpointStore {
+    pub fn new(root: &Path, pipeline: &Pipeline) -> CheckpointStore {
+        CheckpointStore {
+            dir: root.join(&pipeline.name),
+            topic: pipeline.source.kafka.topic.clone(),
+            fingerprint: fingerprint(pipeline),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, partition: i32) -> PathBuf {
+        self.dir.join(format!("{}-{partition}.ckpt", self.topic))
+    }
+
+    pub fn load(&self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {
+        let path = self.path(partition);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CheckpointError::Read { path, source }),
+        };
+        let damaged = || CheckpointError::Damaged { path: path.clone() };
+        if bytes.len() < 32 || &bytes[..8] != MAGIC {
+            return Err(damaged());
+        }
+        let word = |at: usize| -> Result<[u8; 8], CheckpointError> {
+            bytes
+                .get(at..at + 8)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(damaged)
+        };
+        if u64::from_le_bytes(word(8)?) != self.fingerprint {
+            return Err(CheckpointError::Incompatible { path });
+        }
+        let next_offset = i64::from_le_bytes(word(16)?);
+        let watermark = i64::from_le_bytes(word(24)?);
+        Ok(Some(Checkpoint {
+            next_offset,
+            watermark: (watermark != i64::MIN).then_some(watermark),
+            state: bytes[32..].to_vec(),
+        }))
+    }
+
+    pub fn save(&self, partition: i32, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        let path = self.path(partition);
+        let write = |source| CheckpointError::Write {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.dir).map_err(write)?;
+        let temp = self
+            .dir
+            .join(format!(".{}-{partition}.ckpt.tmp", self.topic));
+        let mut file = File::create(&temp).map_err(write)?;
+        file.write_all(MAGIC).map_err(write)?;
+        file.write_all(&self.fingerprint.to_le_bytes())
+            .map_err(write)?;
+        file.write_all(&checkpoint.next_offset.to_le_bytes())
+            .map_err(write)?;
+        file.write_all(&checkpoint.watermark.unwrap_or(i64::MIN).to_le_bytes())
+            .map_err(write)?;
+        file.write_all(&checkpoint.state).map_err(write)?;
+        file.sync_all().map_err(write)?;
+        fs::rename(&temp, &path).map_err(write)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,811 @@
+//! `featurestream run`: the long-running service around the engine.
+//!
+//! One processing thread owns the Kafka consumer and drives the synchronous engine; the HTTP
+//! server reads the engine's state under a lock. Delivery is at-least-once: every
+//! `state.checkpoint_every` (and on rebalance and shutdown) the loop waits until every output
+//! and dead letter sent so far is acknowledged, writes due Parquet files, saves each
+//! partition's state with its next offset, and only then commits those offsets.
+
+pub mod checkpoint;
+pub mod encode;
+pub mod outputs;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Timestamp};
+
+use self::checkpoint::{Checkpoint, CheckpointStore};
+use self::encode::Encoder;
+use self::outputs::ParquetOutputs;
+use crate::config::{Format, OnLate, Pipeline, StartOffset};
+use crate::connectors::kafka::{check_topics, client_config, log_error, log_line};
+use crate::decode::avro::{AvroDecoder, AvroError};
+use crate::decode::json::JsonDecoder;
+use crate::decode::{RejectReason, Rejection};
+use crate::engine::{Engine, FeatureValue, Outcome, RecordSink};
+use crate::telemetry;
+
+/// Wall-clock milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// How `run` is started; the pipeline file gives everything else.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub http: Option<SocketAddr>,
+    /// Overrides `source.kafka.brokers` (and the sinks' brokers).
+    pub brokers: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub parquet_dir: Option<PathBuf>,
+    /// Stop (cleanly) once this many input records were consumed: for demos and benchmarks.
+    pub stop_after_events: Option<u64>,
+}
+
+/// Counts that reconcile: consumed = aggregated + rejected + late.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub consumed: AtomicU64,
+    pub aggregated: AtomicU64,
+    pub late: AtomicU64,
+    pub rejected: [AtomicU64; RejectReason::ALL.len()],
+    pub dead_lettered: AtomicU64,
+    pub produced: AtomicU64,
+}
+
+impl Counters {
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// What the processing thread and the HTTP server share.
+pub struct Shared {
+    pub pipeline: Arc<Pipeline>,
+    pub engine: Mutex<Engine>,
+    /// True once partitions are assigned and restored and records are being consumed.
+    pub ready: AtomicBool,
+    pub stop: Arc<AtomicBool>,
+    pub counters: Counters,
+}
+
+impl Shared {
+    pub fn new(pipeline: Arc<Pipeline>, stop: Arc<AtomicBool>) -> Arc<Shared> {
+        Arc::new(Shared {
+            engine: Mutex::new(Engine::new(Arc::clone(&pipeline))),
+            pipeline,
+            ready: AtomicBool::new(false),
+            stop,
+            counters: Counters::default(),
+        })
+    }
+
+    /// The engine, even if a thread panicked while holding it (its state is still consistent
+    /// per event; a panic is reported separately).
+    pub fn engine(&self) -> MutexGuard<'_, Engine> {
+        self.engine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Delivery reports: failures are remembered so that no checkpoint commits past them.
+#[derive(Default)]
+struct DeliveryContext {
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_line(level, facility, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_error(&error, reason);
+    }
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((error, message)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+            if first.is_none() {
+                *first = Some(format!("{error} (topic {})", message.topic()));
+            }
+        }
+    }
+}
+
+type Output = ThreadedProducer<DeliveryContext>;
+
+/// The consumer's context: routes logs, and runs checkpoints and restores on rebalance.
+struct RunContext {
+    worker: Arc<Mutex<Worker>>,
+}
+
+impl ClientContext for RunContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log_line(level, facility, message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_error(&error, reason);
+    }
+    fn stats(&self, statistics: Statistics) {
+        let pipeline = self.lock().shared.pipeline.name.clone();
+        for topic in statistics.topics.values() {
+            for (id, partition) in &topic.partitions {
+                if *id >= 0 && partition.consumer_lag >= 0 {
+                    metrics::gauge!(telemetry::CONSUMER_LAG, "pipeline" => pipeline.clone(), "partition" => id.to_string())
+                        .set(partition.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl RunContext {
+    fn lock(&self) -> MutexGuard<'_, Worker> {
+        self.worker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl ConsumerContext for RunContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            let mut worker = self.lock();
+            tracing::info!(
+                ?partitions,
+                "Partitions revoked; checkpointing them before they move."
+            );
+            if let Err(e) = worker.checkpoint(consumer, true) {
+                worker.fatal.get_or_insert(e);
+            }
+            worker.release(&partitions);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            let mut worker = self.lock();
+            tracing::info!(?partitions, "Partitions assigned.");
+            if let Err(e) = worker.adopt(&partitions) {
+                worker.fatal.get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// Everything the processing thread owns besides the consumer.
+struct Worker {
+    shared: Arc<Shared>,
+    producer: Output,
+    output_topic: Option<String>,
+    dead_letter_topic: Option<String>,
+    json: JsonDecoder,
+    avro: Option<AvroDecoder>,
+    encoder: Encoder,
+    store: CheckpointStore,
+    parquet: Option<ParquetOutputs>,
+    /// Next offset to commit, per assigned partition.
+    positions: BTreeMap<i32, i64>,
+    /// Offsets below these are already in restored state and are skipped.
+    skip_below: BTreeMap<i32, i64>,
+    last_checkpoint: Instant,
+    fatal: Option<anyhow::Error>,
+    payload: Vec<u8>,
+    /// Set at shutdown: partitions revoked by leaving the group keep their state in memory
+    /// (the HTTP API can still answer until the process exits).
+    closing: bool,
+}
+
+/// Sends engine records to the output topic (and the feature log).
+struct OutputSink<'w> {
+    worker_producer: &'w Output,
+    topic: Option<&'w str>,
+    encoder: &'w mut Encoder,
+    pipeline: &'w Pipeline,
+    parquet: Option<&'w mut ParquetOutputs>,
+    payload: &'w mut Vec<u8>,
+    produced: u64,
+}
+
+/// Sends one record, waiting while the producer's queue is full (backpressure, never drop).
+fn send(producer: &Output, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
+    let mut record = record;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((error, _)) => return Err(error),
+        }
+    }
+}
+
+impl OutputSink<'_> {
+    fn emit(&mut self, key: &str) {
+        if let Some(topic) = self.topic {
+            let record = BaseRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(self.payload.as_slice());
+            if let Err(e) = send(self.worker_producer, record) {
+                tracing::error!("Cannot queue a feature record for `{topic}`: {e}");
+            } else {
+                self.produced += 1;
+            }
+        }
+    }
+}
+
+impl RecordSink for OutputSink<'_> {
+    fn update(&mut self, entity: &str, as_of: i64, values: &[FeatureValue]) {
+        if let Some(parquet) = self.parquet.as_deref_mut() {
+            parquet.log_update(entity, as_of, values);
+        }
+        if self.topic.is_some() {
+            self.encoder
+                .update(self.pipeline, entity, as_of, values, self.payload);
+            self.emit(entity);
+        }
+    }
+
+    fn window_closed(
+        &mut self,
+        entity: &str,
+        feature: usize,
+        start: i64,
+        end: i64,
+        value: &FeatureValue,
+    ) {
+        if self.topic.is_some() {
+            self.encoder.window_closed(
+                self.pipeline,
+                entity,
+                feature,
+                (start, end),
+                value,
+                self.payload,
+            );
+            self.emit(entity);
+        }
+    }
+}
+
+impl Worker {
+    fn pipeline(&self) -> &Pipeline {
+        &self.shared.pipeline
+    }
+
+    /// Restores newly assigned partitions from their checkpoints (or starts them empty).
+    fn adopt(&mut self, partitions: &[i32]) -> anyhow::Result<()> {
+        let now = now_ms();
+        let mut engine = self.shared.engine();
+        for &p in partitions {
+            match self.store.load(p)? {
+                Some(checkpoint) => {
+                    engine.restore_watermark(checkpoint.watermark);
+                    engine
+                        .restore_partition(p as u32, &checkpoint.state, now)
+                        .with_context(|| {
+                            format!(
+                                "restoring partition {p} from {}",
+                                self.store.dir().display()
+                            )
+                        })?;
+                    self.skip_below.insert(p, checkpoint.next_offset);
+                    tracing::info!(
+                        partition = p,
+                        next_offset = checkpoint.next_offset,
+                        "Restored partition state from its checkpoint."
+                    );
+                }
+                None => engine.assign(p as u32, now),
+            }
+        }
+        self.shared.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Drops revoked partitions (after their checkpoint).
+    fn release(&mut self, partitions: &[i32]) {
+        if self.closing {
+            return;
+        }
+        let mut engine = self.shared.engine();
+        for &p in partitions {
+            engine.revoke(p as u32);
+            self.positions.remove(&p);
+            self.skip_below.remove(&p);
+        }
+    }
+
+    fn dead_letter(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        rejection: &Rejection,
+    ) -> anyhow::Result<()> {
+        let reason = rejection.reason.as_str();
+        metrics::counter!(telemetry::EVENTS_REJECTED, "pipeline" => self.pipeline().name.clone(), "reason" => reason)
+            .increment(u64::from(rejection.reason != RejectReason::Late));
+        let Some(topic) = self.dead_letter_topic.as_deref() else {
+            tracing::debug!(
+                reason,
+                "Rejected event (no dead-letter topic configured): {}",
+                rejection.message
+            );
+            return Ok(());
+        };
+        let partition = message.partition().to_string();
+        let offset = message.offset().to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "reason",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "error",
+                value: Some(rejection.message.as_str()),
+            })
+            .insert(Header {
+                key: "source.topic",
+                value: Some(message.topic()),
+            })
+            .insert(Header {
+                key: "source.partition",
+                value: Some(partition.as_str()),
+            })
+            .insert(Header {
+                key: "source.offset",
+                value: Some(offset.as_str()),
+            })
+            .insert(Header {
+                key: "pipeline",
+                value: Some(self.shared.pipeline.name.as_str()),
+            });
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        send(&self.producer, record)
+            .with_context(|| format!("cannot queue a dead letter for `{topic}`"))?;
+        self.shared
+            .counters
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::EVENTS_DEAD_LETTERED, "pipeline" => self.pipeline().name.clone(), "reason" => reason).increment(1);
+        Ok(())
+    }
+
+    /// Processes a batch of records. Returns how many were consumed.
+    fn process(&mut self, batch: &[BorrowedMessage<'_>]) -> anyhow::Result<u64> {
+        let now = now_ms();
+        let shared = Arc::clone(&self.shared);
+        let counters = &shared.counters;
+        let pipeline = Arc::clone(&shared.pipeline);
+        let mut consumed = 0u64;
+        let (mut aggregated, mut late) = (0u64, 0u64);
+        let mut rejected: Vec<(BorrowedMessageRef, Rejection)> = Vec::new();
+        {
+            let mut engine = shared.engine();
+            let mut sink = OutputSink {
+                worker_producer: &self.producer,
+                topic: self.output_topic.as_deref(),
+                encoder: &mut self.encoder,
+                pipeline: &pipeline,
+                parquet: self.parquet.as_mut(),
+                payload: &mut self.payload,
+                produced: 0,
+            };
+            for (index, message) in batch.iter().enumerate() {
+                let partition = message.partition();
+                if !self.positions.contains_key(&partition)
+                    && !engine.partitions().any(|p| p == partition as u32)
+                {
+                    // A record fetched before its partition was revoked: the new owner reads it.
+                    continue;
+                }
+                if self
+                    .skip_below
+                    .get(&partition)
+                    .is_some_and(|&below| message.offset() < below)
+                {
+                    continue;
+                }
+                consumed += 1;
+                self.positions.insert(partition, message.offset() + 1);
+                let payload = message.payload().unwrap_or_default();
+                let decoded = loop {
+                    let result = match &mut self.avro {
+                        Some(avro) => avro.decode(payload),
+                        None => self.json.decode(payload).map_err(AvroError::Rejected),
+                    };
+                    match result {
+                        Err(AvroError::RegistryUnavailable(e)) => {
+                            if shared.stop.load(Ordering::Relaxed) {
+                                // Not processed: leave its offset uncommitted.
+                                self.positions.insert(partition, message.offset());
+                                return Ok(consumed - 1);
+                            }
+                            tracing::warn!("{e}; retrying this record in 1s.");
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                        other => break other,
+                    }
+                };
+                match decoded {
+                    Err(AvroError::Rejected(rejection)) => {
+                        rejected.push((BorrowedMessageRef(index), rejection))
+                    }
+                    Err(AvroError::RegistryUnavailable(_)) => {}
+                    Ok(event) => match engine.process(partition as u32, &event, now, &mut sink) {
+                        Outcome::Aggregated => {
+                            aggregated += 1;
+                            if let Some(Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t)) =
+                                Some(message.timestamp())
+                            {
+                                metrics::histogram!(telemetry::OUTPUT_LATENCY, "pipeline" => pipeline.name.clone())
+                                    .record((now - t).max(0) as f64 / 1000.0);
+                            }
+                        }
+                        Outcome::Late { watermark } => {
+                            late += 1;
+                            if pipeline.source.on_late == OnLate::Dlq {
+                                let text = format!(
+                                    "event time {} is older than the watermark {} minus allowed lateness",
+                                    crate::decode::time::format_rfc3339_ms(event.time_ms),
+                                    crate::decode::time::format_rfc3339_ms(watermark)
+                                );
+                                rejected.push((
+                                    BorrowedMessageRef(index),
+                                    Rejection::new(RejectReason::Late, text),
+                                ));
+                            }
+                        }
+                    },
+                }
+            }
+            engine.tick(now, &mut sink);
+            counters
+                .produced
+                .fetch_add(sink.produced, Ordering::Relaxed);
+            metrics::counter!(telemetry::RECORDS_PRODUCED, "pipeline" => pipeline.name.clone())
+                .increment(sink.produced);
+            if let Some(w) = engine.watermark() {
+                metrics::gauge!(telemetry::WATERMARK, "pipeline" => pipeline.name.clone())
+                    .set(w as f64 / 1000.0);
+            }
+        }
+        for (at, rejection) in &rejected {
+            let message = &batch[at.0];
+            if rejection.reason != RejectReason::Late {
+                counters.rejected[reason_index(rejection.reason)].fetch_add(1, Ordering::Relaxed);
+            }
+            self.dead_letter(message, rejection)?;
+        }
+        counters.consumed.fetch_add(consumed, Ordering::Relaxed);
+        counters.aggregated.fetch_add(aggregated, Ordering::Relaxed);
+        counters.late.fetch_add(late, Ordering::Relaxed);
+        let name = pipeline.name.clone();
+        metrics::counter!(telemetry::EVENTS_CONSUMED, "pipeline" => name.clone())
+            .increment(consumed);
+        metrics::counter!(telemetry::EVENTS_AGGREGATED, "pipeline" => name.clone())
+            .increment(aggregated);
+        metrics::counter!(telemetry::EVENTS_LATE, "pipeline" => name).increment(late);
+        Ok(consumed)
+    }
+
+    /// Makes everything so far durable and commits offsets. Returns false when the outputs are
+    /// not yet acknowledged or a Parquet file could not be written (nothing is committed then;
+    /// the next checkpoint tries again). An output that Kafka refused is an error: the service
+    /// stops rather than commit past it.
+    fn checkpoint(
+        &mut self,
+        consumer: &BaseConsumer<RunContext>,
+        final_one: bool,
+    ) -> anyhow::Result<bool> {
+        self.last_checkpoint = Instant::now();
+        let wait = if final_one {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(10)
+        };
+        if let Err(e) = self.producer.flush(wait) {
+            tracing::warn!(
+                "Outputs are not all acknowledged yet ({e}); offsets stay uncommitted until they are."
+            );
+            return Ok(false);
+        }
+        let failed = self.producer.context().failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            let first = self
+                .producer
+                .context()
+                .first_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            return Err(anyhow!(
+                "{failed} output records or dead letters could not be delivered (first: {}); stopping without committing their input offsets",
+                first.unwrap_or_default()
+            ));
+        }
+        let engine = self.shared.engine();
+        if let Some(parquet) = &mut self.parquet
+            && !parquet.flush(&self.shared.pipeline, &engine, now_ms(), final_one)
+        {
+            return Ok(false);
+        }
+        let watermark = engine.watermark();
+        let mut list = TopicPartitionList::new();
+        let topic = &self.shared.pipeline.source.kafka.topic;
+        for (&p, &next_offset) in &self.positions {
+            let state = engine.snapshot_partition(p as u32)?;
+            self.store.save(
+                p,
+                &Checkpoint {
+                    next_offset,
+                    watermark,
+                    state,
+                },
+            )?;
+            list.add_partition_offset(topic, p, Offset::Offset(next_offset))?;
+        }
+        let stats = engine.state_stats();
+        drop(engine);
+        let name = self.shared.pipeline.name.clone();
+        metrics::gauge!(telemetry::STATE_ENTITIES, "pipeline" => name.clone())
+            .set(stats.entities as f64);
+        metrics::gauge!(telemetry::STATE_BYTES, "pipeline" => name.clone()).set(stats.bytes as f64);
+        if list.count() > 0 {
+            if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+                tracing::warn!(
+                    "Committing offsets failed ({e}); the next checkpoint commits them."
+                );
+                return Ok(false);
+            }
+        }
+        metrics::counter!(telemetry::CHECKPOINTS, "pipeline" => name).increment(1);
+        Ok(true)
+    }
+}
+
+/// Index of a message within the current batch (dead letters are sent after the engine lock
+/// is released).
+struct BorrowedMessageRef(usize);
+
+fn reason_index(reason: RejectReason) -> usize {
+    RejectReason::ALL
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(0)
+}
+
+/// What a finished run did, for the demo and the logs.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub consumed: u64,
+    pub aggregated: u64,
+    pub rejected: BTreeMap<&'static str, u64>,
+    pub late: u64,
+    pub dead_lettered: u64,
+    pub produced: u64,
+    pub elapsed: Duration,
+    pub parquet_dir: Option<PathBuf>,
+    pub last_snapshot: Option<PathBuf>,
+    pub state_dir: PathBuf,
+}
+
+/// Runs the pipeline until `shared.stop` is set (or `stop_after_events` is reached), then
+/// finishes in-flight work, makes it durable, commits and returns.
+pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<RunReport> {
+    let pipeline = Arc::clone(&shared.pipeline);
+    let source = &pipeline.source;
+    let brokers = options
+        .brokers
+        .clone()
+        .unwrap_or_else(|| source.kafka.brokers.clone());
+    let mut topics: Vec<(&str, &'static str)> = vec![(source.kafka.topic.as_str(), "input topic")];
+    if let Some(k) = &pipeline.sinks.kafka {
+        topics.push((k.topic.as_str(), "output topic"));
+    }
+    if let Some(d) = &pipeline.dead_letter_topic {
+        topics.push((d.as_str(), "dead-letter topic"));
+    }
+    check_topics(&brokers, &source.kafka.options, &topics, &shared.stop)?;
+
+    let sink_options = pipeline
+        .sinks
+        .kafka
+        .as_ref()
+        .map(|k| k.options.clone())
+        .unwrap_or_default();
+    let producer: Output = client_config(
+        &brokers,
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("linger.ms", "5"),
+            ("compression.type", "lz4"),
+            // Retry for as long as it takes: outputs are never dropped on a broker outage.
+            ("message.timeout.ms", "0"),
+            ("queue.buffering.max.messages", "500000"),
+        ],
+        &sink_options,
+    )
+    .create_with_context(DeliveryContext::default())
+    .context("cannot create the Kafka producer")?;
+
+    let encoder = Encoder::new(&pipeline)?;
+    let avro = match source.format {
+        Format::Json => None,
+        Format::Avro | Format::AvroConfluent => {
+            Some(AvroDecoder::new(source).map_err(|e| anyhow!(e))?)
+        }
+    };
+    let state_dir = options
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&pipeline.state_dir));
+    let worker = Arc::new(Mutex::new(Worker {
+        shared: Arc::clone(&shared),
+        producer,
+        output_topic: pipeline.sinks.kafka.as_ref().map(|k| k.topic.clone()),
+        dead_letter_topic: pipeline.dead_letter_topic.clone(),
+        json: JsonDecoder::new(source),
+        avro,
+        encoder,
+        store: CheckpointStore::new(&state_dir, &pipeline),
+        parquet: ParquetOutputs::new(&pipeline, options.parquet_dir.as_deref()),
+        positions: BTreeMap::new(),
+        skip_below: BTreeMap::new(),
+        last_checkpoint: Instant::now(),
+        fatal: None,
+        payload: Vec::with_capacity(512),
+        closing: false,
+    }));
+
+    let start = match source.kafka.start {
+        StartOffset::Earliest => "earliest",
+        StartOffset::Latest => "latest",
+    };
+    let consumer: BaseConsumer<RunContext> = client_config(
+        &brokers,
+        &[
+            ("group.id", source.kafka.group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("auto.offset.reset", start),
+            ("statistics.interval.ms", "5000"),
+            ("fetch.wait.max.ms", "50"),
+        ],
+        &source.kafka.options,
+    )
+    .create_with_context(RunContext {
+        worker: Arc::clone(&worker),
+    })
+    .context("cannot create the Kafka consumer")?;
+    consumer
+        .subscribe(&[source.kafka.topic.as_str()])
+        .context("cannot subscribe to the input topic")?;
+    tracing::info!(
+        pipeline = %pipeline.name, topic = %source.kafka.topic, group = %source.kafka.group_id, brokers = %brokers,
+        "Consuming; state checkpoints in {}.", state_dir.display()
+    );
+
+    let started = Instant::now();
+    let interval = Duration::from_millis(pipeline.checkpoint_every_ms.max(100) as u64);
+    let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(2048);
+    let mut total = 0u64;
+    let result: anyhow::Result<()> = loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        if options.stop_after_events.is_some_and(|n| total >= n) {
+            break Ok(());
+        }
+        batch.clear();
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => batch.push(m),
+            Some(Err(e)) => log_error(&e, "while consuming"),
+            None => {}
+        }
+        while batch.len() < 2048 && !batch.is_empty() {
+            match consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => batch.push(m),
+                Some(Err(e)) => log_error(&e, "while consuming"),
+                None => break,
+            }
+        }
+        let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = w.fatal.take() {
+            break Err(e);
+        }
+        match w.process(&batch) {
+            Ok(n) => total += n,
+            Err(e) => break Err(e),
+        }
+        if w.last_checkpoint.elapsed() >= interval
+            || w.parquet.as_ref().is_some_and(|p| p.log_is_full())
+        {
+            if let Err(e) = w.checkpoint(&consumer, false) {
+                break Err(e);
+            }
+        }
+    };
+    drop(batch);
+    let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = result {
+        tracing::error!("Stopping: {e:#}");
+        return Err(e);
+    }
+    tracing::info!("Stopping: finishing in-flight outputs, saving state and committing offsets.");
+    let mut attempts = 0;
+    while !w.checkpoint(&consumer, true)? {
+        attempts += 1;
+        if attempts >= 3 {
+            return Err(anyhow!(
+                "could not make the last outputs durable; offsets since the previous checkpoint stay uncommitted"
+            ));
+        }
+    }
+    let counters = &shared.counters;
+    let report = RunReport {
+        consumed: counters.consumed.load(Ordering::Relaxed),
+        aggregated: counters.aggregated.load(Ordering::Relaxed),
+        rejected: RejectReason::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.as_str(), counters.rejected[i].load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
+        late: counters.late.load(Ordering::Relaxed),
+        dead_lettered: counters.dead_lettered.load(Ordering::Relaxed),
+        produced: counters.produced.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        parquet_dir: w.parquet.as_ref().map(|p| p.root().to_path_buf()),
+        last_snapshot: w
+            .parquet
+            .as_ref()
+            .and_then(|p| p.last_snapshot_path.clone()),
+        state_dir,
+    };
+    w.closing = true;
+    drop(w);
+    consumer.unsubscribe();
+    tracing::info!(
+        consumed = report.consumed,
+        aggregated = report.aggregated,
+        late = report.late,
+        dead_lettered = report.dead_lettered,
+        produced = report.produced,
+        "Stopped cleanly after {:.1}s.",
+        report.elapsed.as_secs_f64()
+    );
+    Ok(report)
+}
