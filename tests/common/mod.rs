@@ -30,17 +30,31 @@ pub fn registry() -> String {
 }
 
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{prefix}-{}-{}", std::process::id(), nanos % 1_000_000_000)
 }
 
 pub fn create_topics(topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
-    let new: Vec<NewTopic<'_>> = topics.iter().map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1))).collect();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let results = runtime
-        .block_on(admin.create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))))
+        .block_on(admin.create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        ))
         .expect("create topics");
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
@@ -60,7 +74,10 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
 pub fn produce(topic: &str, records: &[(i32, String, Vec<u8>)]) {
     let producer = producer();
     for (partition, key, payload) in records {
-        let mut record = BaseRecord::to(topic).partition(*partition).key(key.as_bytes()).payload(payload.as_slice());
+        let mut record = BaseRecord::to(topic)
+            .partition(*partition)
+            .key(key.as_bytes())
+            .payload(payload.as_slice());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -71,7 +88,9 @@ pub fn produce(topic: &str, records: &[(i32, String, Vec<u8>)]) {
             }
         }
     }
-    producer.flush(Duration::from_secs(60)).expect("all test records acknowledged");
+    producer
+        .flush(Duration::from_secs(60))
+        .expect("all test records acknowledged");
 }
 
 #[derive(Debug, Clone)]
@@ -101,7 +120,12 @@ pub fn consume_all(topic: &str, expected: Option<usize>, idle: Duration) -> Vec<
                 .headers()
                 .map(|h| {
                     h.iter()
-                        .map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).to_string()))
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -155,13 +179,20 @@ impl Service {
     /// Sends SIGTERM and waits for a clean exit.
     pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
         let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return (status, self.log_text());
             }
-            assert!(Instant::now() < deadline, "featurestream did not stop within 90s of SIGTERM:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "featurestream did not stop within 90s of SIGTERM:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -174,7 +205,10 @@ impl Service {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("featurestream did not finish within {limit:?}:\n{}", self.log_text());
+                panic!(
+                    "featurestream did not finish within {limit:?}:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -191,27 +225,50 @@ impl Drop for Service {
 pub fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
 
 pub fn http_get(url: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     match agent.get(url).call() {
-        Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+        Ok(mut r) => (
+            r.status().as_u16(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+        ),
         Err(e) => (0, e.to_string()),
     }
 }
 
 pub fn http_post(url: &str, body: &str) -> (u16, String) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    match agent.post(url).header("Content-Type", "application/json").send(body) {
-        Ok(mut r) => (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default()),
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    match agent
+        .post(url)
+        .header("Content-Type", "application/json")
+        .send(body)
+    {
+        Ok(mut r) => (
+            r.status().as_u16(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+        ),
         Err(e) => (0, e.to_string()),
     }
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
