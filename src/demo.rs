@@ -200,14 +200,14 @@ pub fn run_demo(
     let mut report = report?;
     report.elapsed = started.elapsed();
 
-    if options.serve {
-        if let Some(addr) = bound {
-            eprintln!(
-                "Serving the HTTP API on http://{addr} until Ctrl-C (try: curl http://{addr}/v1/features/{}/{sample_entity})",
-                pipeline.name
-            );
-            let _ = runtime.block_on(tokio::signal::ctrl_c());
-        }
+    if options.serve
+        && let Some(addr) = bound
+    {
+        eprintln!(
+            "Serving the HTTP API on http://{addr} until Ctrl-C (try: curl http://{addr}/v1/features/{}/{sample_entity})",
+            pipeline.name
+        );
+        let _ = runtime.block_on(tokio::signal::ctrl_c());
     }
     http_stop.notify_waiters();
     runtime.shutdown_timeout(Duration::from_secs(2));

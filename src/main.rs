@@ -365,11 +365,10 @@ fn print_replay_summary(summary: &featurestream::replay::ReplaySummary, output: 
     );
     println!("records     {:>12}", summary.records);
     println!("entities    {:>12}", summary.entities);
-    if summary.entities > 0 {
+    if let Some(per_entity) = summary.state_bytes.checked_div(summary.entities) {
         println!(
-            "state       {:>12} bytes ({} per entity)",
-            summary.state_bytes,
-            summary.state_bytes / summary.entities
+            "state       {:>12} bytes ({per_entity} per entity)",
+            summary.state_bytes
         );
     }
     println!(

@@ -269,7 +269,7 @@ pub fn replay(
             let decoded = decoder.decode(&buf);
             handle(&mut summary, &mut engine, &mut sink, line, decoded, &buf)?;
             if let Some(bar) = &bar
-                && line % 8192 == 0
+                && line.is_multiple_of(8192)
             {
                 bar.set_position(reader.bytes_read());
                 bar.set_message(format!("{} events", summary.read));

@@ -93,7 +93,7 @@ impl CardEvents {
             self.start_ms + (self.index as f64 * 1000.0 / self.rate_per_sec) as i64 - jitter;
         self.index += 1;
         let amount = ((rng.unit() * 4.0).exp() * 100.0).round() / 100.0;
-        let status = if rng.next_u64() % 25 == 0 {
+        let status = if rng.next_u64().is_multiple_of(25) {
             "declined"
         } else {
             "approved"

@@ -583,13 +583,11 @@ impl Worker {
         metrics::gauge!(telemetry::STATE_ENTITIES, "pipeline" => name.clone())
             .set(stats.entities as f64);
         metrics::gauge!(telemetry::STATE_BYTES, "pipeline" => name.clone()).set(stats.bytes as f64);
-        if list.count() > 0 {
-            if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
-                tracing::warn!(
-                    "Committing offsets failed ({e}); the next checkpoint commits them."
-                );
-                return Ok(false);
-            }
+        if list.count() > 0
+            && let Err(e) = consumer.commit(&list, CommitMode::Sync)
+        {
+            tracing::warn!("Committing offsets failed ({e}); the next checkpoint commits them.");
+            return Ok(false);
         }
         metrics::counter!(telemetry::CHECKPOINTS, "pipeline" => name).increment(1);
         Ok(true)
@@ -750,12 +748,11 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
             Ok(n) => total += n,
             Err(e) => break Err(e),
         }
-        if w.last_checkpoint.elapsed() >= interval
-            || w.parquet.as_ref().is_some_and(|p| p.log_is_full())
+        if (w.last_checkpoint.elapsed() >= interval
+            || w.parquet.as_ref().is_some_and(|p| p.log_is_full()))
+            && let Err(e) = w.checkpoint(&consumer, false)
         {
-            if let Err(e) = w.checkpoint(&consumer, false) {
-                break Err(e);
-            }
+            break Err(e);
         }
     };
     drop(batch);

@@ -1,0 +1,271 @@
+//! End to end on a real broker: `featurestream run` throughput against the ceiling of a bare
+//! consumer on the same topic, and produce-to-feature latency at a fixed input rate.
+//!
+//! Needs the broker from `scripts/kafka.sh up` (`eval "$(scripts/kafka.sh env)"`), then:
+//! `cargo bench --bench e2e` (env: E2E_EVENTS, default 2,000,000; E2E_RATE, default 50,000/s;
+//! E2E_LATENCY_SECS, default 20).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use featurestream::config::compile_source;
+use featurestream::runtime::{RunOptions, Shared, now_ms, run_service};
+use featurestream::sample::CardEvents;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn brokers() -> String {
+    std::env::var("FEATURESTREAM_KAFKA")
+        .expect("start Kafka first: scripts/kafka.sh up && eval \"$(scripts/kafka.sh env)\"")
+}
+
+fn create(topics: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for r in rt
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+fn producer() -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .create()
+        .unwrap()
+}
+
+fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, payload: &str) {
+    let mut record = BaseRecord::to(topic)
+        .key(key.as_bytes())
+        .payload(payload.as_bytes());
+    loop {
+        match p.send(record) {
+            Ok(()) => return,
+            Err((_, back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+fn pipeline(
+    name: &str,
+    input: &str,
+    output: &str,
+    dir: &std::path::Path,
+    features: &str,
+) -> String {
+    format!(
+        r#"
+name: {name}
+source:
+  kafka: {{ brokers: "{b}", topic: {input}, group_id: {name}-group }}
+  schema: {{ card_id: string, merchant_id: string, amount: float, status: string, ts: timestamp }}
+  entity: card_id
+  event_time: ts
+  watermark: {{ max_out_of_order: 5s }}
+  allowed_lateness: 30s
+features:
+{features}
+sinks:
+  kafka: {{ topic: {output}, format: json, emit: on_update }}
+state: {{ entity_ttl: 7d, dir: "{d}", checkpoint_every: 5s }}
+"#,
+        b = brokers(),
+        d = dir.display()
+    )
+}
+
+const CARD_FEATURES: &str = r#"  - { name: txn_count_10m, agg: count, window: { sliding: 10m } }
+  - { name: amount_sum_1h, agg: sum, field: amount, window: { hopping: 1h, step: 5m } }
+  - { name: amount_today, agg: sum, field: amount, window: { tumbling: 1d } }
+  - { name: merchants_24h, agg: distinct_count, field: merchant_id, window: { hopping: 24h, step: 1h } }
+  - { name: amount_std_24h, agg: stddev, field: amount, window: { sliding: 24h, step: 10m } }
+  - { name: amount_p90_all, agg: { percentile: 0.9 }, field: amount, window: lifetime }"#;
+
+fn main() {
+    let events = env("E2E_EVENTS", 2_000_000);
+    let rate = env("E2E_RATE", 50_000);
+    let latency_secs = env("E2E_LATENCY_SECS", 20);
+    let run = format!("e2e-{}", now_ms());
+    let (input, output) = (format!("{run}-in"), format!("{run}-out"));
+    create(&[&input, &output]);
+    let dir = tempfile::tempdir().unwrap();
+
+    // Load the input topic.
+    let p = producer();
+    let mut generator = CardEvents::new(42, 100_000, 1_772_323_200_000, 200.0);
+    let mut bytes = 0usize;
+    for _ in 0..events {
+        let (key, payload, _) = generator.next_event();
+        bytes += payload.len();
+        send(&p, &input, &key, &payload);
+    }
+    p.flush(Duration::from_secs(120)).unwrap();
+    println!(
+        "loaded {events} events (avg {} bytes) into {input}",
+        bytes as u64 / events
+    );
+
+    // Ceiling: a bare consumer that only reads.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{run}-bare"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&input]).unwrap();
+    let mut read = 0u64;
+    let mut started = None;
+    while read < events {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+            started.get_or_insert_with(Instant::now);
+            std::hint::black_box(m.payload());
+            read += 1;
+        }
+    }
+    let bare = started.unwrap().elapsed().as_secs_f64();
+    drop(consumer);
+
+    // featurestream run, from the first record fetched to the last output acknowledged.
+    let text = pipeline(
+        &format!("{run}-fs"),
+        &input,
+        &output,
+        dir.path(),
+        CARD_FEATURES,
+    );
+    let pipe = Arc::new(compile_source("e2e.yaml", &text).unwrap());
+    let shared = Shared::new(Arc::clone(&pipe), Arc::new(AtomicBool::new(false)));
+    let watcher_shared = Arc::clone(&shared);
+    let first = std::thread::spawn(move || {
+        while watcher_shared.counters.consumed.load(Ordering::Relaxed) == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Instant::now()
+    });
+    let report = run_service(
+        Arc::clone(&shared),
+        &RunOptions {
+            stop_after_events: Some(events),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let done = Instant::now();
+    let fs = (done - first.join().unwrap()).as_secs_f64();
+    println!(
+        "bare consumer       {:>10.0} events/s",
+        events as f64 / bare
+    );
+    println!(
+        "featurestream run   {:>10.0} events/s  ({:.0}% of the bare consumer; {} feature records produced)",
+        events as f64 / fs,
+        100.0 * bare / fs,
+        report.produced
+    );
+
+    // Latency at a fixed rate: events stamped with their produce time, features read back.
+    let (lin, lout) = (format!("{run}-lat-in"), format!("{run}-lat-out"));
+    create(&[&lin, &lout]);
+    let lat_features = r#"  - { name: txn_count_today, agg: count, window: { tumbling: 1d } }
+  - { name: amount_sum_today, agg: sum, field: amount, window: { tumbling: 1d } }
+  - { name: merchants_today, agg: distinct_count, field: merchant_id, window: { tumbling: 1d } }
+  - { name: amount_p90_all, agg: { percentile: 0.9 }, field: amount, window: lifetime }"#;
+    let text = pipeline(&format!("{run}-lat"), &lin, &lout, dir.path(), lat_features);
+    let pipe = Arc::new(compile_source("lat.yaml", &text).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Shared::new(pipe, Arc::clone(&stop));
+    let service = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || run_service(shared, &RunOptions::default()))
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let total = rate * latency_secs;
+    let lin2 = lin.clone();
+    let load = std::thread::spawn(move || {
+        let p = producer();
+        let mut generator = CardEvents::new(7, 100_000, 0, 1.0);
+        let start = Instant::now();
+        for i in 0..total {
+            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let (key, payload, _) = generator.next_event();
+            // Event time = produce time, so as_of of an event's record is its produce time.
+            let now = featurestream::decode::time::format_rfc3339_ms(now_ms());
+            let payload = match payload.rfind("\"ts\":\"") {
+                Some(at) => format!("{}\"ts\":\"{now}\"}}", &payload[..at]),
+                None => payload,
+            };
+            send(&p, &lin2, &key, &payload);
+        }
+        p.flush(Duration::from_secs(60)).unwrap();
+    });
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{run}-lat-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    reader.subscribe(&[&lout]).unwrap();
+    let mut latencies = Vec::with_capacity(total as usize);
+    let deadline = Instant::now() + Duration::from_secs(latency_secs + 60);
+    while (latencies.len() as u64) < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
+            let received = now_ms();
+            let v: serde_json::Value =
+                serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+            if let Some(t) = v["as_of"]
+                .as_str()
+                .and_then(featurestream::decode::time::parse_rfc3339_ms)
+            {
+                latencies.push(received - t);
+            }
+        }
+    }
+    load.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    service.join().unwrap().unwrap();
+    latencies.sort_unstable();
+    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    println!(
+        "latency at {rate}/s   p50 {} ms, p99 {} ms, max {} ms over {} records (produce time to feature record read back)",
+        pct(0.5),
+        pct(0.99),
+        latencies.last().unwrap(),
+        latencies.len()
+    );
+}
