@@ -55,8 +55,16 @@ fn main() {
         .collect();
     let bytes: usize = payloads.iter().map(Vec::len).sum();
 
-    let pipeline =
-        Arc::new(compile_source("bench.yaml", PIPELINE).expect("bench pipeline compiles"));
+    // BENCH_PIPELINE=file.yaml measures another pipeline over the same events.
+    let pipeline = match std::env::var("BENCH_PIPELINE") {
+        Ok(path) => Arc::new(
+            featurestream::config::Pipeline::load(std::path::Path::new(&path))
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        Err(_) => {
+            Arc::new(compile_source("bench.yaml", PIPELINE).expect("bench pipeline compiles"))
+        }
+    };
     let decoder = JsonDecoder::new(&pipeline.source);
 
     // Decode alone, for reference.

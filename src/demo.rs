@@ -267,7 +267,7 @@ pub fn print_outcome(outcome: &DemoOutcome, out_dir: &Path, events: u64) {
         events
     );
     if let Some(entity) = &outcome.sample_entity
-        && let Some((as_of, values)) = outcome.shared.engine().lookup(entity)
+        && let Some((as_of, values)) = outcome.shared.engine_read().lookup(entity)
     {
         let mut line = String::new();
         crate::output::write_update(&mut line, &outcome.shared.pipeline, entity, as_of, &values);

@@ -15,6 +15,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
@@ -80,7 +82,9 @@ impl Counters {
 /// What the processing thread and the HTTP server share.
 pub struct Shared {
     pub pipeline: Arc<Pipeline>,
-    pub engine: Mutex<Engine>,
+    /// Written by the processing thread (in short stretches, yielding to waiting readers);
+    /// read by look-ups, snapshots and checkpoints.
+    pub engine: RwLock<Engine>,
     /// True once partitions are assigned and restored and records are being consumed.
     pub ready: AtomicBool,
     pub stop: Arc<AtomicBool>,
@@ -90,7 +94,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(pipeline: Arc<Pipeline>, stop: Arc<AtomicBool>) -> Arc<Shared> {
         Arc::new(Shared {
-            engine: Mutex::new(Engine::new(Arc::clone(&pipeline))),
+            engine: RwLock::new(Engine::new(Arc::clone(&pipeline))),
             pipeline,
             ready: AtomicBool::new(false),
             stop,
@@ -98,12 +102,12 @@ impl Shared {
         })
     }
 
-    /// The engine, even if a thread panicked while holding it (its state is still consistent
-    /// per event; a panic is reported separately).
-    pub fn engine(&self) -> MutexGuard<'_, Engine> {
-        self.engine
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub fn engine(&self) -> RwLockWriteGuard<'_, Engine> {
+        self.engine.write()
+    }
+
+    pub fn engine_read(&self) -> RwLockReadGuard<'_, Engine> {
+        self.engine.read()
     }
 }
 
@@ -424,6 +428,10 @@ impl Worker {
                 produced: 0,
             };
             for (index, message) in batch.iter().enumerate() {
+                if index % LOCK_STRETCH == LOCK_STRETCH - 1 {
+                    // Let waiting look-ups in: they see the state between two events.
+                    RwLockWriteGuard::bump(&mut engine);
+                }
                 let partition = message.partition();
                 if !self.positions.contains_key(&partition)
                     && !engine.partitions().any(|p| p == partition as u32)
@@ -556,13 +564,19 @@ impl Worker {
                 first.unwrap_or_default()
             ));
         }
-        let engine = self.shared.engine();
+        let engine = self.shared.engine_read();
         if let Some(parquet) = &mut self.parquet
             && !parquet.flush(&self.shared.pipeline, &engine, now_ms(), final_one)
         {
             return Ok(false);
         }
         let watermark = engine.watermark();
+        for &p in self.positions.keys() {
+            if let Some(w) = engine.partition_watermark(p as u32) {
+                metrics::gauge!(telemetry::PARTITION_WATERMARK, "pipeline" => self.shared.pipeline.name.clone(), "partition" => p.to_string())
+                    .set(w as f64 / 1000.0);
+            }
+        }
         let mut list = TopicPartitionList::new();
         let topic = &self.shared.pipeline.source.kafka.topic;
         for (&p, &next_offset) in &self.positions {
@@ -593,6 +607,9 @@ impl Worker {
         Ok(true)
     }
 }
+
+/// Events processed between chances for look-ups to read the state (about a millisecond).
+const LOCK_STRETCH: usize = 32;
 
 /// Index of a message within the current batch (dead letters are sent after the engine lock
 /// is released).

@@ -106,7 +106,7 @@ fn check_entity(entity: &str) -> Option<Response> {
 
 /// Appends `{"entity","as_of","features":{...}}` for one entity, or returns false if unknown.
 fn write_entity(state: &AppState, entity: &str, out: &mut String) -> bool {
-    let Some((as_of, values)) = state.shared.engine().lookup(entity) else {
+    let Some((as_of, values)) = state.shared.engine_read().lookup(entity) else {
         return false;
     };
     out.push_str("{\"entity\":");
