@@ -169,3 +169,97 @@ fn replay_reports_a_missing_input_clearly() {
             .contains("cannot open input /nonexistent/events.jsonl")
     );
 }
+
+/// The same events as JSONL, gzip-compressed JSONL and Parquet give the same records.
+#[test]
+fn replay_reads_gzip_and_parquet_inputs() {
+    use std::io::Write;
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
+    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use arrow::record_batch::RecordBatch;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = repo("pipelines/card_fraud.yaml");
+    let cards = ["c1", "c2", "c1", "c3", "c1"];
+    let amounts = [10.0, 20.5, 3.25, 7.0, 1.0];
+    let times: Vec<i64> = (0..5).map(|i| 1_772_323_200_000 + i * 60_000).collect();
+    let lines: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                r#"{{"card_id":"{}","merchant_id":"m{}","amount":{},"status":"approved","ts":{}}}"#,
+                cards[i], i, amounts[i], times[i]
+            )
+        })
+        .collect();
+    let plain = dir.path().join("events.jsonl");
+    std::fs::write(&plain, lines.join("\n") + "\n").unwrap();
+    let gz = dir.path().join("events.jsonl.gz");
+    let mut encoder = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::default(),
+    );
+    encoder
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    encoder.finish().unwrap();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("card_id", DataType::Utf8, false),
+        Field::new("merchant_id", DataType::Utf8, false),
+        Field::new("amount", DataType::Float64, false),
+        Field::new("status", DataType::Utf8, false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(cards.to_vec())),
+        Arc::new(StringArray::from(
+            (0..5).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+        )),
+        Arc::new(Float64Array::from(amounts.to_vec())),
+        Arc::new(StringArray::from(vec!["approved"; 5])),
+        Arc::new(TimestampMillisecondArray::from(times.clone()).with_timezone("UTC")),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+    let pq = dir.path().join("events.parquet");
+    let mut writer =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&pq).unwrap(), schema, None)
+            .unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+
+    let mut outputs = Vec::new();
+    for input in [&plain, &gz, &pq] {
+        let out = dir.path().join(
+            input
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replace('.', "_"),
+        );
+        let run = bin()
+            .args([
+                "replay",
+                pipeline.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        outputs.push(std::fs::read_to_string(out.join("features.jsonl")).unwrap());
+    }
+    assert_eq!(outputs[0].lines().count(), 5);
+    assert_eq!(outputs[0], outputs[1], "gzip input");
+    assert_eq!(outputs[0], outputs[2], "Parquet input");
+}

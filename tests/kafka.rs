@@ -295,6 +295,27 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
         },
     );
 
+    // The first cards have been quiet while the watermark moved ~5 hours on: their sliding
+    // and hopping values decayed (in look-ups and on the topic), their lifetime count did not.
+    let latest = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    for entity in ["card_001", "card_017"] {
+        let (status, body) = http_get(&format!("{base}/v1/features/it_stream/{entity}"));
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["features"]["n_10m"], 0, "{body}");
+        assert_eq!(v["features"]["sum_1h"], Value::Null, "{body}");
+        assert_eq!(
+            v["features"]["total"].as_u64(),
+            Some(totals[entity]),
+            "{body}"
+        );
+        let last = latest.iter().rev().find(|r| r["entity"] == entity).unwrap();
+        assert_eq!(
+            last["features"], v["features"],
+            "the decay was also emitted to the topic"
+        );
+    }
+
     // Metrics exist and reconcile.
     let metrics = http_get(&format!("{base}/metrics")).1;
     for name in featurestream::telemetry::ALL
@@ -448,6 +469,33 @@ fn bad_and_late_events_are_dead_lettered_with_reasons() {
         own.len() + letters.len(),
         records.len(),
         "consumed = aggregated + dead-lettered"
+    );
+}
+
+#[test]
+fn a_missing_input_topic_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = unique("missing");
+    let (output, dlq) = (unique("features"), unique("dlq"));
+    create_topics(&[(&output, 1), (&dlq, 1)]);
+    let pipeline = write_pipeline(
+        dir.path(),
+        &pipeline_text(
+            "it_missing",
+            &missing,
+            &output,
+            &dlq,
+            dir.path(),
+            "json",
+            "json",
+        ),
+    );
+    let (status, log) =
+        Service::start(&pipeline, &[], dir.path().join("run.log")).wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("topic `{missing}` does not exist")) && log.contains("input topic"),
+        "{log}"
     );
 }
 

@@ -67,12 +67,13 @@ impl JsonDecoder {
         };
         let parsed = de::Deserializer::deserialize_map(&mut deserializer, seed)
             .and_then(|()| deserializer.end());
-        match parsed {
-            Ok(()) => Ok(fields),
-            Err(error) => Err(match schema_error.into_inner() {
-                Some(rejection) => rejection,
-                None => Rejection::new(RejectReason::Malformed, format!("invalid JSON: {error}")),
-            }),
+        match (parsed, schema_error.into_inner()) {
+            (Err(error), _) => Err(Rejection::new(
+                RejectReason::Malformed,
+                format!("invalid JSON: {error}"),
+            )),
+            (Ok(()), Some(rejection)) => Err(rejection),
+            (Ok(()), None) => Ok(fields),
         }
     }
 }
@@ -104,10 +105,12 @@ impl<'a> Visitor<'a> for EventSeed<'_, '_, 'a> {
                     };
                     match map.next_value_seed(seed)? {
                         Ok(value) => self.fields[index] = value,
+                        // Keep parsing: an event that is also not valid JSON is `malformed`.
                         Err(message) => {
-                            *self.schema_error.borrow_mut() =
-                                Some(Rejection::new(RejectReason::Schema, message));
-                            return Err(de::Error::custom("schema"));
+                            let mut first = self.schema_error.borrow_mut();
+                            if first.is_none() {
+                                *first = Some(Rejection::new(RejectReason::Schema, message));
+                            }
                         }
                     }
                 }

@@ -222,3 +222,6 @@ pub fn coerce<'a>(name: &str, ty: FieldType, value: Value<'a>) -> Result<Value<'
         (_, Value::Ts(_)) => Err(wrong("a timestamp")),
     }
 }
+
+#[cfg(test)]
+mod tests;

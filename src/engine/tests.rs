@@ -536,3 +536,52 @@ state: { entity_ttl: 60s }
         Some(FeatureValue::Int(1))
     );
 }
+
+#[test]
+fn an_idle_partition_stops_holding_the_watermark_back() {
+    let text = r#"
+name: idle
+source:
+  kafka: { brokers: "127.0.0.1:9092", topic: t, group_id: g }
+  schema: { card: string, merchant: string, amount: float?, status: string, ts: timestamp }
+  entity: card
+  event_time: ts
+  watermark: { max_out_of_order: 0s, idle_timeout: 30s }
+features:
+  - { name: n, agg: count, window: { sliding: 10s } }
+"#;
+    let p = pipeline(text);
+    let mut engine = Engine::new(Arc::clone(&p));
+    engine.assign(0, 0);
+    engine.assign(1, 0);
+    let ev = |time: i64| Ev {
+        card: 1,
+        merchant: 0,
+        amount: None,
+        declined: false,
+        time,
+    };
+    let mut records = Vec::new();
+    engine.process(0, &ev(1_000).decoded(), 1_000, &mut records);
+    engine.process(1, &ev(500).decoded(), 1_000, &mut records);
+    assert_eq!(
+        engine.watermark(),
+        Some(500),
+        "the minimum over active partitions"
+    );
+    engine.process(0, &ev(60_000).decoded(), 20_000, &mut records);
+    assert_eq!(
+        engine.watermark(),
+        Some(500),
+        "partition 1 is quiet but not yet idle"
+    );
+    engine.tick(40_000, &mut records);
+    assert_eq!(
+        engine.watermark(),
+        Some(60_000),
+        "partition 1 idle for more than 30 s"
+    );
+    // New data on partition 1 makes it active again; the watermark never goes back.
+    engine.process(1, &ev(59_000).decoded(), 41_000, &mut records);
+    assert_eq!(engine.watermark(), Some(60_000));
+}

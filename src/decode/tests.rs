@@ -1,0 +1,239 @@
+//! Decoders against hostile input: every byte sequence maps to an event or a rejection with a
+//! reason, and nothing panics.
+
+use proptest::prelude::*;
+
+use super::avro::{AvroDecoder, AvroError};
+use super::json::JsonDecoder;
+use super::*;
+use crate::config::compile_source;
+
+fn source(format_lines: &str) -> Source {
+    let text = format!(
+        r#"
+name: t
+source:
+  kafka: {{ brokers: "x:1", topic: t, group_id: g }}
+{format_lines}
+  schema: {{ id: string, n: int, x: float?, ok: bool?, ts: timestamp }}
+  entity: id
+  event_time: ts
+features:
+  - {{ name: c, agg: count, window: lifetime }}
+"#
+    );
+    compile_source("t.yaml", &text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .source
+}
+
+fn reason(bytes: &[u8]) -> RejectReason {
+    JsonDecoder::new(&source(""))
+        .decode(bytes)
+        .expect_err("rejected")
+        .reason
+}
+
+#[test]
+fn valid_events_decode_with_their_types() {
+    let decoder = JsonDecoder::new(&source(""));
+    let e = decoder
+        .decode(br#"{"id":"a","n":3,"x":2,"ok":true,"ts":"2026-03-01T00:00:00.5+01:00","extra":{"deep":[1,2]}}"#)
+        .unwrap();
+    assert_eq!(e.entity, "a");
+    assert_eq!(e.time_ms, 1_772_319_600_500);
+    assert_eq!(e.fields[1], Value::Int(3));
+    assert_eq!(
+        e.fields[2],
+        Value::Float(2.0),
+        "an int is accepted where a float is declared"
+    );
+    let e = decoder
+        .decode(br#"{"id":"a\u00e9\n","n":-1,"ts":1700000000000}"#)
+        .unwrap();
+    assert_eq!(e.entity, "a\u{e9}\n");
+    assert_eq!(e.fields[2], Value::Null, "optional field absent");
+}
+
+#[test]
+fn each_kind_of_bad_input_has_its_reason() {
+    assert_eq!(reason(b"not json"), RejectReason::Malformed);
+    assert_eq!(
+        reason(br#"{"id":"a","n":1,"ts":17"#),
+        RejectReason::Malformed,
+        "truncated"
+    );
+    assert_eq!(reason(b"[1,2]"), RejectReason::Malformed, "not an object");
+    assert_eq!(reason(b""), RejectReason::Malformed);
+    assert_eq!(
+        reason(&[b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}']),
+        RejectReason::Malformed,
+        "invalid UTF-8"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":NaN,"ts":1}"#),
+        RejectReason::Malformed,
+        "NaN is not JSON"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":"3","ts":1}"#),
+        RejectReason::Schema,
+        "a string where a number is declared"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":{"v":3},"ts":1}"#),
+        RejectReason::Schema,
+        "an object where a number is declared"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":99999999999999999999,"ts":1}"#),
+        RejectReason::Schema,
+        "out of int64"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":1.5,"ts":1}"#),
+        RejectReason::Schema,
+        "a fraction in an int field"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":1,"x":1e400,"ts":1}"#),
+        RejectReason::Malformed,
+        "a number too large for a float"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":1,"ts":"yesterday"}"#),
+        RejectReason::Schema
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":1,"ok":"yes","ts":1}"#),
+        RejectReason::Schema
+    );
+    assert_eq!(
+        reason(br#"{"n":1,"ts":1}"#),
+        RejectReason::MissingField,
+        "no entity"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":1}"#),
+        RejectReason::MissingField,
+        "no event time"
+    );
+    assert_eq!(
+        reason(br#"{"id":"a","n":null,"ts":1}"#),
+        RejectReason::MissingField,
+        "null required field"
+    );
+    assert_eq!(
+        reason(br#"{"id":"","n":1,"ts":1}"#),
+        RejectReason::MissingField,
+        "empty entity"
+    );
+    assert_eq!(
+        reason(br#"{"id":5,"n":1,"ts":1}"#),
+        RejectReason::Schema,
+        "a number where a string is declared"
+    );
+    let huge = format!(
+        r#"{{"id":"a","n":1,"ts":1,"note":"{}"}}"#,
+        "x".repeat(1 << 20)
+    );
+    assert_eq!(
+        reason(huge.as_bytes()),
+        RejectReason::TooLarge,
+        "a 1 MB string"
+    );
+}
+
+#[test]
+fn messages_name_the_field_and_what_was_found() {
+    let r = JsonDecoder::new(&source(""))
+        .decode(br#"{"id":"a","n":"3","ts":1}"#)
+        .unwrap_err();
+    assert_eq!(
+        r.message,
+        "field `n` should be an integer, found the string \"3\""
+    );
+    let r = JsonDecoder::new(&source(""))
+        .decode(br#"{"n":1,"ts":1}"#)
+        .unwrap_err();
+    assert_eq!(r.message, "required field `id` is missing or null");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Random bytes and mangled events: always a verdict, never a panic, and a verdict that
+    /// agrees with serde_json on whether the text is JSON at all.
+    #[test]
+    fn any_bytes_get_a_verdict(
+        bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            (0usize..80, prop::collection::vec(any::<u8>(), 0..6)).prop_map(|(cut, junk)| {
+                let mut v = br#"{"id":"card","n":12,"x":-3.5e2,"ok":false,"ts":"2026-03-01T00:00:00Z","more":[{"a":null}]}"#.to_vec();
+                let cut = cut.min(v.len());
+                v.splice(cut..cut, junk);
+                v
+            }),
+        ]
+    ) {
+        let decoder = JsonDecoder::new(&source(""));
+        match decoder.decode(&bytes) {
+            Ok(event) => {
+                prop_assert!(serde_json::from_slice::<serde_json::Value>(&bytes).is_ok());
+                prop_assert!(!event.entity.is_empty());
+            }
+            Err(r) if r.reason == RejectReason::Malformed => {
+                prop_assert!(!matches!(serde_json::from_slice::<serde_json::Value>(&bytes), Ok(serde_json::Value::Object(_))));
+            }
+            Err(_) => prop_assert!(serde_json::from_slice::<serde_json::Value>(&bytes).is_ok()),
+        }
+    }
+}
+
+#[test]
+fn plain_avro_decodes_and_rejects_truncated_datums() {
+    use apache_avro::types::Value as A;
+    let writer = r#"{"type":"record","name":"E","fields":[{"name":"id","type":"string"},{"name":"n","type":"long"},
+        {"name":"x","type":["null","double"]},{"name":"ts","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+    let src = source(&format!(
+        "  format: avro\n  avro_schema: '{}'",
+        writer.replace('\n', " ")
+    ));
+    let mut decoder = AvroDecoder::new(&src).unwrap();
+    let schema = apache_avro::Schema::parse_str(writer).unwrap();
+    let record = A::Record(vec![
+        ("id".into(), A::String("a".into())),
+        ("n".into(), A::Long(7)),
+        ("x".into(), A::Union(1, Box::new(A::Double(1.5)))),
+        ("ts".into(), A::TimestampMillis(1000)),
+    ]);
+    #[allow(deprecated)]
+    let bytes = apache_avro::to_avro_datum(&schema, record).unwrap();
+    let event = decoder.decode(&bytes).unwrap();
+    assert_eq!((event.entity.as_ref(), event.time_ms), ("a", 1000));
+    assert_eq!(event.fields[1], Value::Int(7));
+    assert_eq!(event.fields[2], Value::Float(1.5));
+    match decoder.decode(&bytes[..bytes.len() - 3]) {
+        Err(AvroError::Rejected(r)) => assert_eq!(r.reason, RejectReason::Malformed),
+        other => panic!("truncated Avro must be rejected, got {other:?}"),
+    }
+}
+
+#[test]
+fn confluent_framing_is_checked_before_any_lookup() {
+    let src = source("  format: avro_confluent\n  schema_registry: http://127.0.0.1:9");
+    let mut decoder = AvroDecoder::new(&src).unwrap();
+    for (bytes, want) in [
+        (&b""[..], "empty"),
+        (&[1u8, 0, 0, 0, 1, 2][..], "magic byte"),
+        (&[0u8, 0, 1][..], "shorter"),
+    ] {
+        match decoder.decode(bytes) {
+            Err(AvroError::Rejected(r)) => {
+                assert_eq!(r.reason, RejectReason::Malformed);
+                assert!(r.message.contains(want), "{}", r.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
