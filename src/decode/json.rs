@@ -1,22 +1,334 @@
 //! JSON events: one object per event, declared fields typed on the way in, the rest skipped.
 //!
-//! The decoder drives serde_json with visitors that know each field's declared type, so a value
-//! is checked where it is parsed and strings without escapes are borrowed from the input.
+//! A small hand-written parser, driven by the schema: the input is checked as UTF-8 once, keys
+//! are matched against the declared fields without allocating, declared values are converted
+//! to their declared type where they are parsed, and everything else is validated and skipped.
+//! It accepts exactly RFC 8259 JSON (nesting up to 128 levels); a value of the wrong type in a
+//! document that is otherwise valid is a `schema` rejection, anything else invalid `malformed`.
 
 use std::borrow::Cow;
-use std::cell::RefCell;
-use std::fmt;
-
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::time::parse_rfc3339_ms;
 use super::{DecodedEvent, RejectReason, Rejection, Value, expected, finish_event};
 use crate::config::{FieldType, Source};
 
+const MAX_DEPTH: usize = 128;
+
 /// Decodes JSON events for one pipeline source.
 #[derive(Debug, Clone)]
 pub struct JsonDecoder {
     source: Source,
+}
+
+/// A JSON syntax error: where, and what was expected.
+struct Syntax {
+    at: usize,
+    what: &'static str,
+}
+
+/// One scalar as found in the text, before it meets the declared type.
+enum Found<'a> {
+    Str(Cow<'a, str>),
+    Int(i64),
+    /// An integer outside the i64 range.
+    BigInt(f64),
+    Float(f64),
+    Bool(bool),
+    Null,
+    Object,
+    Array,
+}
+
+struct Parser<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Parser<'a> {
+    fn fail<T>(&self, what: &'static str) -> Result<T, Syntax> {
+        Err(Syntax { at: self.at, what })
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            self.at += 1;
+        }
+    }
+
+    fn expect(&mut self, byte: u8, what: &'static str) -> Result<(), Syntax> {
+        if self.bytes.get(self.at) == Some(&byte) {
+            self.at += 1;
+            Ok(())
+        } else {
+            self.fail(what)
+        }
+    }
+
+    /// A string starting at the opening quote; borrowed unless it has escapes.
+    fn string(&mut self) -> Result<Cow<'a, str>, Syntax> {
+        self.expect(b'"', "expected a string")?;
+        let start = self.at;
+        loop {
+            match self.bytes.get(self.at) {
+                None => return self.fail("unterminated string"),
+                Some(b'"') => {
+                    let s = &self.text[start..self.at];
+                    self.at += 1;
+                    return Ok(Cow::Borrowed(s));
+                }
+                Some(b'\\') => break,
+                Some(&b) if b < 0x20 => return self.fail("control character in a string"),
+                Some(_) => self.at += 1,
+            }
+        }
+        let mut owned = String::from(&self.text[start..self.at]);
+        loop {
+            match self.bytes.get(self.at) {
+                None => return self.fail("unterminated string"),
+                Some(b'"') => {
+                    self.at += 1;
+                    return Ok(Cow::Owned(owned));
+                }
+                Some(b'\\') => {
+                    self.at += 1;
+                    let escaped = match self.bytes.get(self.at) {
+                        Some(b'"') => '"',
+                        Some(b'\\') => '\\',
+                        Some(b'/') => '/',
+                        Some(b'b') => '\u{8}',
+                        Some(b'f') => '\u{c}',
+                        Some(b'n') => '\n',
+                        Some(b'r') => '\r',
+                        Some(b't') => '\t',
+                        Some(b'u') => {
+                            self.at += 1;
+                            let high = self.hex4()?;
+                            let code = if (0xD800..0xDC00).contains(&high) {
+                                if self.bytes.get(self.at..self.at + 2) != Some(b"\\u") {
+                                    return self.fail("lone surrogate in a \\u escape");
+                                }
+                                self.at += 2;
+                                let low = self.hex4()?;
+                                if !(0xDC00..0xE000).contains(&low) {
+                                    return self.fail("invalid surrogate pair in a \\u escape");
+                                }
+                                0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00)
+                            } else {
+                                high
+                            };
+                            match char::from_u32(code) {
+                                Some(c) => {
+                                    owned.push(c);
+                                    continue;
+                                }
+                                None => return self.fail("invalid \\u escape"),
+                            }
+                        }
+                        _ => return self.fail("invalid escape in a string"),
+                    };
+                    owned.push(escaped);
+                    self.at += 1;
+                }
+                Some(&b) if b < 0x20 => return self.fail("control character in a string"),
+                Some(_) => {
+                    let run_start = self.at;
+                    while let Some(&b) = self.bytes.get(self.at) {
+                        if b == b'"' || b == b'\\' || b < 0x20 {
+                            break;
+                        }
+                        self.at += 1;
+                    }
+                    owned.push_str(&self.text[run_start..self.at]);
+                }
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, Syntax> {
+        let digits = self.bytes.get(self.at..self.at + 4).ok_or(Syntax {
+            at: self.at,
+            what: "short \\u escape",
+        })?;
+        let mut value = 0u32;
+        for &d in digits {
+            let v = (d as char).to_digit(16).ok_or(Syntax {
+                at: self.at,
+                what: "invalid \\u escape",
+            })?;
+            value = value * 16 + v;
+        }
+        self.at += 4;
+        Ok(value)
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.at;
+        while self.bytes.get(self.at).is_some_and(u8::is_ascii_digit) {
+            self.at += 1;
+        }
+        self.at - start
+    }
+
+    fn number(&mut self) -> Result<Found<'a>, Syntax> {
+        let start = self.at;
+        if self.bytes.get(self.at) == Some(&b'-') {
+            self.at += 1;
+        }
+        match self.bytes.get(self.at) {
+            Some(b'0') => self.at += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return self.fail("invalid number"),
+        }
+        let mut integer = true;
+        if self.bytes.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            integer = false;
+            if self.digits() == 0 {
+                return self.fail("invalid number");
+            }
+        }
+        if let Some(b'e' | b'E') = self.bytes.get(self.at) {
+            self.at += 1;
+            integer = false;
+            if let Some(b'+' | b'-') = self.bytes.get(self.at) {
+                self.at += 1;
+            }
+            if self.digits() == 0 {
+                return self.fail("invalid number");
+            }
+        }
+        let text = &self.text[start..self.at];
+        if integer && let Ok(i) = text.parse::<i64>() {
+            return Ok(Found::Int(i));
+        }
+        match text.parse::<f64>() {
+            Ok(f) if f.is_finite() => Ok(if integer {
+                Found::BigInt(f)
+            } else {
+                Found::Float(f)
+            }),
+            _ => Err(Syntax {
+                at: start,
+                what: "number out of range",
+            }),
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8], found: Found<'a>) -> Result<Found<'a>, Syntax> {
+        if self.bytes.get(self.at..self.at + word.len()) == Some(word) {
+            self.at += word.len();
+            Ok(found)
+        } else {
+            self.fail("expected a JSON value")
+        }
+    }
+
+    /// Any value; containers are validated and skipped.
+    fn value(&mut self, depth: usize) -> Result<Found<'a>, Syntax> {
+        match self.bytes.get(self.at) {
+            Some(b'"') => Ok(Found::Str(self.string()?)),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(b't') => self.literal(b"true", Found::Bool(true)),
+            Some(b'f') => self.literal(b"false", Found::Bool(false)),
+            Some(b'n') => self.literal(b"null", Found::Null),
+            Some(b'{') => {
+                self.container(depth, b'}', true)?;
+                Ok(Found::Object)
+            }
+            Some(b'[') => {
+                self.container(depth, b']', false)?;
+                Ok(Found::Array)
+            }
+            _ => self.fail("expected a JSON value"),
+        }
+    }
+
+    fn container(&mut self, depth: usize, close: u8, object: bool) -> Result<(), Syntax> {
+        if depth >= MAX_DEPTH {
+            return self.fail("nested too deeply");
+        }
+        self.at += 1;
+        self.skip_ws();
+        if self.bytes.get(self.at) == Some(&close) {
+            self.at += 1;
+            return Ok(());
+        }
+        loop {
+            if object {
+                self.string()?;
+                self.skip_ws();
+                self.expect(b':', "expected `:`")?;
+                self.skip_ws();
+            }
+            self.value(depth + 1)?;
+            self.skip_ws();
+            match self.bytes.get(self.at) {
+                Some(b',') => {
+                    self.at += 1;
+                    self.skip_ws();
+                }
+                Some(&b) if b == close => {
+                    self.at += 1;
+                    return Ok(());
+                }
+                _ => {
+                    return self.fail(if object {
+                        "expected `,` or `}`"
+                    } else {
+                        "expected `,` or `]`"
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn quote_prefix(s: &str) -> String {
+    const LIMIT: usize = 40;
+    if s.len() <= LIMIT {
+        format!("the string {s:?}")
+    } else {
+        let cut = (0..=LIMIT)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("the string {:?}... ({} bytes)", &s[..cut], s.len())
+    }
+}
+
+/// Converts a found value to the declared type, or says why it does not fit.
+fn typed<'a>(name: &str, ty: FieldType, found: Found<'a>) -> Result<Value<'a>, String> {
+    let wrong = |what: String| format!("field `{name}` should be {}, found {what}", expected(ty));
+    match (ty, found) {
+        (_, Found::Null) => Ok(Value::Null),
+        (FieldType::String, Found::Str(s)) => Ok(Value::Str(s)),
+        (FieldType::Timestamp, Found::Str(s)) => {
+            parse_rfc3339_ms(&s).map(Value::Ts).ok_or_else(|| {
+                format!(
+                    "field `{name}` should be {}, found {} which is not a valid RFC 3339 time",
+                    expected(ty),
+                    quote_prefix(&s)
+                )
+            })
+        }
+        (_, Found::Str(s)) => Err(wrong(quote_prefix(&s))),
+        (FieldType::Int, Found::Int(i)) => Ok(Value::Int(i)),
+        (FieldType::Float, Found::Int(i)) => Ok(Value::Float(i as f64)),
+        (FieldType::Timestamp, Found::Int(i)) => Ok(Value::Ts(i)),
+        (_, Found::Int(i)) => Err(wrong(format!("the number {i}"))),
+        (FieldType::Float, Found::BigInt(f) | Found::Float(f)) => Ok(Value::Float(f)),
+        (FieldType::Int | FieldType::Timestamp, Found::BigInt(f)) => {
+            Err(wrong(format!("{f}, outside the 64-bit integer range")))
+        }
+        (_, Found::BigInt(f) | Found::Float(f)) => Err(wrong(format!("the number {f}"))),
+        (FieldType::Bool, Found::Bool(b)) => Ok(Value::Bool(b)),
+        (_, Found::Bool(b)) => Err(wrong(b.to_string())),
+        (_, Found::Object) => Err(wrong("an object".into())),
+        (_, Found::Array) => Err(wrong("a list".into())),
+    }
 }
 
 impl JsonDecoder {
@@ -42,246 +354,75 @@ impl JsonDecoder {
                 ),
             ));
         }
-        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            Rejection::new(
+                RejectReason::Malformed,
+                format!("event is not valid UTF-8 (byte {})", e.valid_up_to()),
+            )
+        })?;
+        let mut parser = Parser { text, bytes, at: 0 };
+        parser.skip_ws();
+        match bytes.get(parser.at) {
             Some(b'{') => {}
             None => return Err(Rejection::new(RejectReason::Malformed, "event is empty")),
             Some(_) => {
                 return Err(Rejection::new(
                     RejectReason::Malformed,
-                    "event is not a JSON object".to_string(),
+                    "event is not a JSON object",
                 ));
             }
         }
-        let fields = self.decode_fields(bytes)?;
-        finish_event(&self.source, fields)
-    }
-
-    fn decode_fields<'a>(&self, bytes: &'a [u8]) -> Result<Vec<Value<'a>>, Rejection> {
-        let schema_error = RefCell::new(None);
-        let mut fields = vec![Value::Null; self.source.schema.fields.len()];
-        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        let seed = EventSeed {
-            source: &self.source,
-            fields: &mut fields,
-            schema_error: &schema_error,
-        };
-        let parsed = de::Deserializer::deserialize_map(&mut deserializer, seed)
-            .and_then(|()| deserializer.end());
-        match (parsed, schema_error.into_inner()) {
-            (Err(error), _) => Err(Rejection::new(
-                RejectReason::Malformed,
-                format!("invalid JSON: {error}"),
-            )),
-            (Ok(()), Some(rejection)) => Err(rejection),
-            (Ok(()), None) => Ok(fields),
-        }
-    }
-}
-
-struct EventSeed<'s, 'f, 'a> {
-    source: &'s Source,
-    fields: &'f mut Vec<Value<'a>>,
-    schema_error: &'s RefCell<Option<Rejection>>,
-}
-
-impl<'a> Visitor<'a> for EventSeed<'_, '_, 'a> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<M: MapAccess<'a>>(self, mut map: M) -> Result<(), M::Error> {
         let schema = &self.source.schema;
-        while let Some(index) = map.next_key_seed(KeySeed {
-            source: self.source,
-        })? {
-            match index {
-                Some(index) => {
-                    let def = &schema.fields[index];
-                    let seed = FieldSeed {
-                        name: &def.name,
-                        ty: def.ty,
-                    };
-                    match map.next_value_seed(seed)? {
-                        Ok(value) => self.fields[index] = value,
-                        // Keep parsing: an event that is also not valid JSON is `malformed`.
-                        Err(message) => {
-                            let mut first = self.schema_error.borrow_mut();
-                            if first.is_none() {
-                                *first = Some(Rejection::new(RejectReason::Schema, message));
+        let mut fields = vec![Value::Null; schema.fields.len()];
+        let mut schema_error: Option<String> = None;
+        let parsed = (|| -> Result<(), Syntax> {
+            parser.at += 1;
+            parser.skip_ws();
+            if bytes.get(parser.at) == Some(&b'}') {
+                parser.at += 1;
+            } else {
+                loop {
+                    let key = parser.string()?;
+                    parser.skip_ws();
+                    parser.expect(b':', "expected `:`")?;
+                    parser.skip_ws();
+                    let found = parser.value(1)?;
+                    if let Some(index) = schema.fields.iter().position(|f| f.name == key) {
+                        let def = &schema.fields[index];
+                        match typed(&def.name, def.ty, found) {
+                            Ok(value) => fields[index] = value,
+                            Err(message) => {
+                                schema_error.get_or_insert(message);
                             }
                         }
                     }
-                }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
+                    parser.skip_ws();
+                    match bytes.get(parser.at) {
+                        Some(b',') => {
+                            parser.at += 1;
+                            parser.skip_ws();
+                        }
+                        Some(b'}') => {
+                            parser.at += 1;
+                            break;
+                        }
+                        _ => return parser.fail("expected `,` or `}`"),
+                    }
                 }
             }
-        }
-        Ok(())
-    }
-}
-
-impl<'a> DeserializeSeed<'a> for EventSeed<'_, '_, 'a> {
-    type Value = ();
-    fn deserialize<D: de::Deserializer<'a>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-/// Maps an object key to the index of the declared field, without allocating.
-struct KeySeed<'s> {
-    source: &'s Source,
-}
-
-impl<'a> DeserializeSeed<'a> for KeySeed<'_> {
-    type Value = Option<usize>;
-    fn deserialize<D: de::Deserializer<'a>>(self, d: D) -> Result<Option<usize>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'a> Visitor<'a> for KeySeed<'_> {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a field name")
-    }
-    fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
-        Ok(self
-            .source
-            .schema
-            .fields
-            .iter()
-            .position(|field| field.name == key))
-    }
-}
-
-/// Parses one declared field's value. The inner `Result` carries a schema error so that the
-/// rest of the event is not mistaken for malformed JSON.
-struct FieldSeed<'s> {
-    name: &'s str,
-    ty: FieldType,
-}
-
-type FieldResult<'a> = Result<Value<'a>, String>;
-
-impl FieldSeed<'_> {
-    fn wrong(&self, found: impl fmt::Display) -> String {
-        format!(
-            "field `{}` should be {}, found {found}",
-            self.name,
-            expected(self.ty)
-        )
-    }
-}
-
-impl<'a> DeserializeSeed<'a> for FieldSeed<'_> {
-    type Value = FieldResult<'a>;
-    fn deserialize<D: de::Deserializer<'a>>(self, d: D) -> Result<FieldResult<'a>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-fn quote_prefix(s: &str) -> String {
-    const LIMIT: usize = 40;
-    if s.len() <= LIMIT {
-        format!("the string {s:?}")
-    } else {
-        let cut = (0..=LIMIT)
-            .rev()
-            .find(|&i| s.is_char_boundary(i))
-            .unwrap_or(0);
-        format!("the string {:?}... ({} bytes)", &s[..cut], s.len())
-    }
-}
-
-impl<'a> FieldSeed<'_> {
-    fn string(self, s: Cow<'a, str>) -> FieldResult<'a> {
-        match self.ty {
-            FieldType::String => Ok(Value::Str(s)),
-            FieldType::Timestamp => match parse_rfc3339_ms(&s) {
-                Some(ms) => Ok(Value::Ts(ms)),
-                None => Err(format!(
-                    "field `{}` should be {}, found {} which is not a valid RFC 3339 time",
-                    self.name,
-                    expected(self.ty),
-                    quote_prefix(&s)
-                )),
-            },
-            _ => Err(self.wrong(quote_prefix(&s))),
-        }
-    }
-
-    fn integer(self, i: i64) -> FieldResult<'a> {
-        match self.ty {
-            FieldType::Int => Ok(Value::Int(i)),
-            FieldType::Float => Ok(Value::Float(i as f64)),
-            FieldType::Timestamp => Ok(Value::Ts(i)),
-            _ => Err(self.wrong(format_args!("the number {i}"))),
-        }
-    }
-}
-
-impl<'a> Visitor<'a> for FieldSeed<'_> {
-    type Value = FieldResult<'a>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str(expected(self.ty))
-    }
-
-    fn visit_bool<E: de::Error>(self, b: bool) -> Result<FieldResult<'a>, E> {
-        Ok(match self.ty {
-            FieldType::Bool => Ok(Value::Bool(b)),
-            _ => Err(self.wrong(b)),
-        })
-    }
-
-    fn visit_i64<E: de::Error>(self, i: i64) -> Result<FieldResult<'a>, E> {
-        Ok(self.integer(i))
-    }
-
-    fn visit_u64<E: de::Error>(self, u: u64) -> Result<FieldResult<'a>, E> {
-        Ok(match i64::try_from(u) {
-            Ok(i) => self.integer(i),
-            Err(_) if self.ty == FieldType::Float => Ok(Value::Float(u as f64)),
-            Err(_) => Err(self.wrong(format_args!("{u}, outside the 64-bit integer range"))),
-        })
-    }
-
-    fn visit_f64<E: de::Error>(self, f: f64) -> Result<FieldResult<'a>, E> {
-        Ok(match self.ty {
-            FieldType::Float if f.is_finite() => Ok(Value::Float(f)),
-            FieldType::Int | FieldType::Timestamp if f.fract() == 0.0 && f.abs() >= 9.2e18 => {
-                Err(self.wrong(format_args!("{f}, outside the 64-bit integer range")))
+            parser.skip_ws();
+            if parser.at != bytes.len() {
+                return parser.fail("trailing characters after the object");
             }
-            _ => Err(self.wrong(format_args!("the number {f}"))),
-        })
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, s: &'a str) -> Result<FieldResult<'a>, E> {
-        Ok(self.string(Cow::Borrowed(s)))
-    }
-
-    fn visit_str<E: de::Error>(self, s: &str) -> Result<FieldResult<'a>, E> {
-        Ok(self.string(Cow::Owned(s.to_owned())))
-    }
-
-    fn visit_string<E: de::Error>(self, s: String) -> Result<FieldResult<'a>, E> {
-        Ok(self.string(Cow::Owned(s)))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<FieldResult<'a>, E> {
-        Ok(Ok(Value::Null))
-    }
-
-    fn visit_map<M: MapAccess<'a>>(self, mut map: M) -> Result<FieldResult<'a>, M::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Err(self.wrong("an object")))
-    }
-
-    fn visit_seq<S: SeqAccess<'a>>(self, mut seq: S) -> Result<FieldResult<'a>, S::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Err(self.wrong("a list")))
+            Ok(())
+        })();
+        match (parsed, schema_error) {
+            (Err(e), _) => Err(Rejection::new(
+                RejectReason::Malformed,
+                format!("invalid JSON: {} at byte {}", e.what, e.at),
+            )),
+            (Ok(()), Some(message)) => Err(Rejection::new(RejectReason::Schema, message)),
+            (Ok(()), None) => finish_event(&self.source, fields),
+        }
     }
 }

@@ -237,3 +237,46 @@ fn confluent_framing_is_checked_before_any_lookup() {
         }
     }
 }
+
+/// Edge cases of the JSON grammar: accepted exactly when serde_json accepts them.
+#[test]
+fn json_grammar_edges_agree_with_serde_json() {
+    let deep = format!(
+        r#"{{"id":"a","n":1,"ts":1,"deep":{}1{}}}"#,
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let cases: Vec<String> = [
+        r#" {"id":"a","n":1,"ts":1} "#,
+        r#"{"id":"a","n":01,"ts":1}"#,
+        r#"{"id":"a","n":-0,"ts":1}"#,
+        r#"{"id":"a","n":1,"ts":1,}"#,
+        r#"{"id":"\ud83d\ude00","n":1,"ts":1}"#,
+        r#"{"id":"\ud83d","n":1,"ts":1}"#,
+        r#"{"id":"a","n":1,"ts":1}{}"#,
+        r#"{"id" : "a" , "n" : 1 , "ts" : 1 }"#,
+        r#"{"id":"a","n":1,"ts":1,"x":1.}"#,
+        r#"{"id":"a","n":1,"ts":1,"x":.5}"#,
+        r#"{"id":"a","n":1,"ts":1,"x":1e}"#,
+        r#"{"id":"a","n":1,"ts":1,"x":-}"#,
+        r#"{"id":"a","n":1,"ts":1,"x":1E+2}"#,
+        r#"{"id":"a\/b\"c\\","n":1,"ts":1,"o":{"a":[true,false,null,{}]}}"#,
+        r#"{"id":"a","n":1,"ts":1,"bad":"\x"}"#,
+        r#"{"id":"a","n":1,"ts":1,"t":tru}"#,
+        "{\"id\":\"a\tb\",\"n\":1,\"ts\":1}",
+        r#"{"id":"a","n":1,"ts":1,"k":"v" "l":2}"#,
+        deep.as_str(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let decoder = JsonDecoder::new(&source(""));
+    for case in &cases {
+        let ours = decoder.decode(case.as_bytes());
+        let theirs = serde_json::from_str::<serde_json::Value>(case).is_ok();
+        assert_eq!(ours.is_ok(), theirs, "{case}: ours {ours:?}");
+        if let Err(r) = ours {
+            assert_eq!(r.reason, RejectReason::Malformed, "{case}");
+        }
+    }
+}

@@ -427,6 +427,9 @@ impl Worker {
                 payload: &mut self.payload,
                 produced: 0,
             };
+            // One handle per batch: the label lookup is not repeated per event.
+            let latency =
+                metrics::histogram!(telemetry::OUTPUT_LATENCY, "pipeline" => pipeline.name.clone());
             for (index, message) in batch.iter().enumerate() {
                 if index % LOCK_STRETCH == LOCK_STRETCH - 1 {
                     // Let waiting look-ups in: they see the state between two events.
@@ -478,8 +481,7 @@ impl Worker {
                             if let Some(Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t)) =
                                 Some(message.timestamp())
                             {
-                                metrics::histogram!(telemetry::OUTPUT_LATENCY, "pipeline" => pipeline.name.clone())
-                                    .record((now - t).max(0) as f64 / 1000.0);
+                                latency.record((now - t).max(0) as f64 / 1000.0);
                             }
                         }
                         Outcome::Late { watermark } => {
