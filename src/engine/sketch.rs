@@ -119,6 +119,18 @@ impl Sketch {
             return None;
         }
         let rank = (q.clamp(0.0, 1.0) * (self.count - 1) as f64).floor() as u64;
+        // High quantiles of positive data are found faster from the top.
+        let above = self.count - 1 - rank;
+        if self.negative.0.is_empty() && above < self.count / 2 {
+            let mut seen = 0u64;
+            for &(b, c) in self.positive.0.iter().rev() {
+                seen += u64::from(c);
+                if seen > above {
+                    return Some(representative(b));
+                }
+            }
+            return Some(0.0);
+        }
         let mut seen = 0u64;
         // Most negative first: negative buckets from the largest magnitude down.
         for &(b, c) in self.negative.0.iter().rev() {
@@ -169,6 +181,19 @@ mod tests {
             let want = exact(&mut sorted, q);
             let tolerance = RELATIVE_ACCURACY * want.abs() + ZERO_THRESHOLD;
             prop_assert!((got - want).abs() <= tolerance, "q={q} got={got} want={want}");
+        }
+
+        #[test]
+        fn quantiles_of_non_negative_data_are_within_the_bound(
+            values in prop::collection::vec(prop_oneof![0.01f64..1e5, Just(0.0)], 1..400),
+            q in 0.0f64..=1.0,
+        ) {
+            let mut sketch = Sketch::default();
+            for v in &values { sketch.add(*v); }
+            let got = sketch.quantile(q).unwrap();
+            let mut sorted = values.clone();
+            let want = exact(&mut sorted, q);
+            prop_assert!((got - want).abs() <= RELATIVE_ACCURACY * want.abs() + ZERO_THRESHOLD, "q={q} got={got} want={want}");
         }
 
         #[test]
