@@ -29,4 +29,4 @@ fi
 export FEATURESTREAM_PYTHON="$VENV/bin/python"
 
 echo "test.sh: running the tests"
-cargo test --all-targets "$@"
+cargo test --lib --bins --tests "$@"
