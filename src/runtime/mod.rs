@@ -582,7 +582,10 @@ impl Worker {
         let mut list = TopicPartitionList::new();
         let topic = &self.shared.pipeline.source.kafka.topic;
         for (&p, &next_offset) in &self.positions {
+            let started = Instant::now();
             let state = engine.snapshot_partition(p as u32)?;
+            let serialised = started.elapsed();
+            let bytes = state.len();
             self.store.save(
                 p,
                 &Checkpoint {
@@ -592,6 +595,13 @@ impl Worker {
                 },
             )?;
             list.add_partition_offset(topic, p, Offset::Offset(next_offset))?;
+            tracing::debug!(
+                partition = p,
+                bytes,
+                serialise_ms = serialised.as_millis() as u64,
+                write_ms = (started.elapsed() - serialised).as_millis() as u64,
+                "Saved a partition checkpoint."
+            );
         }
         let stats = engine.state_stats();
         drop(engine);
