@@ -13,68 +13,18 @@ use featurestream::config::compile_source;
 use featurestream::runtime::{RunOptions, Shared, now_ms, run_service};
 use featurestream::sample::CardEvents;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::Producer;
+
+mod support;
+use support::{brokers, create_topics, producer, send};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn brokers() -> String {
-    std::env::var("FEATURESTREAM_KAFKA")
-        .expect("start Kafka first: scripts/kafka.sh up && eval \"$(scripts/kafka.sh env)\"")
-}
-
-fn create(topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for r in rt
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
-        .unwrap()
-    {
-        r.unwrap();
-    }
-}
-
-fn producer() -> ThreadedProducer<DefaultProducerContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .set("compression.type", "lz4")
-        .create()
-        .unwrap()
-}
-
-fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, payload: &str) {
-    let mut record = BaseRecord::to(topic)
-        .key(key.as_bytes())
-        .payload(payload.as_bytes());
-    loop {
-        match p.send(record) {
-            Ok(()) => return,
-            Err((_, back)) => {
-                record = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
 }
 
 fn pipeline(
@@ -118,7 +68,7 @@ fn main() {
     let latency_secs = env("E2E_LATENCY_SECS", 20);
     let run = format!("e2e-{}", now_ms());
     let (input, output) = (format!("{run}-in"), format!("{run}-out"));
-    create(&[&input, &output]);
+    create_topics(&[&input, &output]);
     let dir = tempfile::tempdir().unwrap();
 
     // Load the input topic.
@@ -197,7 +147,7 @@ fn main() {
 
     // Latency at a fixed rate: events stamped with their produce time, features read back.
     let (lin, lout) = (format!("{run}-lat-in"), format!("{run}-lat-out"));
-    create(&[&lin, &lout]);
+    create_topics(&[&lin, &lout]);
     let lat_features = r#"  - { name: txn_count_today, agg: count, window: { tumbling: 1d } }
   - { name: amount_sum_today, agg: sum, field: amount, window: { tumbling: 1d } }
   - { name: merchants_today, agg: distinct_count, field: merchant_id, window: { tumbling: 1d } }

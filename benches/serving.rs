@@ -13,15 +13,10 @@ use std::time::{Duration, Instant};
 use featurestream::config::compile_source;
 use featurestream::runtime::{RunOptions, Shared, now_ms, run_service};
 use featurestream::sample::CardEvents;
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::Producer;
 
-fn brokers() -> String {
-    std::env::var("FEATURESTREAM_KAFKA")
-        .expect("start Kafka first: scripts/kafka.sh up && eval \"$(scripts/kafka.sh env)\"")
-}
+mod support;
+use support::{brokers, create_topics, producer, send};
 
 fn pipeline(name: &str, input: &str, output: &str, dir: &std::path::Path, parquet: bool) -> String {
     let parquet = if parquet {
@@ -152,40 +147,12 @@ fn main() {
         format!("{run}-out2"),
         format!("{run}-out3"),
     ];
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let new: Vec<NewTopic<'_>> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for r in rt
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .unwrap();
+    create_topics(&topics.iter().map(String::as_str).collect::<Vec<_>>());
+    let producer = producer();
     let mut generator = CardEvents::new(11, 20_000, 1_772_323_200_000, 200.0);
     for _ in 0..events {
         let (key, payload, _) = generator.next_event();
-        let mut record = BaseRecord::to(&topics[0])
-            .key(key.as_bytes())
-            .payload(payload.as_bytes());
-        while let Err((_, back)) = producer.send(record) {
-            record = back;
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        send(&producer, &topics[0], &key, &payload);
     }
     producer.flush(Duration::from_secs(120)).unwrap();
 

@@ -64,7 +64,14 @@ pub fn write_update(
     write_json_str(out, entity);
     out.push_str(",\"as_of\":\"");
     write_rfc3339_ms(out, as_of);
-    out.push_str("\",\"features\":{");
+    out.push_str("\",\"features\":");
+    write_features(out, pipeline, values);
+    out.push('}');
+}
+
+/// `{name: value, ...}` in the order the pipeline declares its features.
+pub fn write_features(out: &mut String, pipeline: &Pipeline, values: &[FeatureValue]) {
+    out.push('{');
     for (i, (feature, value)) in pipeline.features.iter().zip(values).enumerate() {
         if i > 0 {
             out.push(',');
@@ -73,7 +80,7 @@ pub fn write_update(
         out.push(':');
         write_value(out, value);
     }
-    out.push_str("}}");
+    out.push('}');
 }
 
 /// `{"pipeline","entity","feature","window_start","window_end","value"}`

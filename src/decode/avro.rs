@@ -12,7 +12,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value as AvroValue;
 
 use super::registry::{RegistryClient, RegistryError};
-use super::{DecodedEvent, RejectReason, Rejection, Value, coerce, finish_event};
+use super::{DecodedEvent, RejectReason, Rejection, Value, check_size, coerce, finish_event};
 use crate::config::Source;
 
 /// A parsed schema kept for the life of the process (schemas are few and never change for an
@@ -79,17 +79,7 @@ impl AvroDecoder {
     }
 
     pub fn decode<'a>(&mut self, bytes: &'a [u8]) -> Result<DecodedEvent<'a>, AvroError> {
-        if bytes.len() > self.source.max_event_bytes {
-            return Err(Rejection::new(
-                RejectReason::TooLarge,
-                format!(
-                    "event is {} bytes, more than source.max_event_bytes ({})",
-                    bytes.len(),
-                    self.source.max_event_bytes
-                ),
-            )
-            .into());
-        }
+        check_size(&self.source, bytes)?;
         let (reader, mut datum) = match &self.plain {
             Some(reader) => (reader, bytes),
             None => {

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 
 use super::time::parse_rfc3339_ms;
-use super::{DecodedEvent, RejectReason, Rejection, Value, expected, finish_event};
+use super::{DecodedEvent, RejectReason, Rejection, Value, check_size, expected, finish_event};
 use crate::config::{FieldType, Source};
 
 const MAX_DEPTH: usize = 128;
@@ -344,16 +344,7 @@ impl JsonDecoder {
 
     /// Decodes one event. Every input maps to an event or a rejection; nothing panics.
     pub fn decode<'a>(&self, bytes: &'a [u8]) -> Result<DecodedEvent<'a>, Rejection> {
-        if bytes.len() > self.source.max_event_bytes {
-            return Err(Rejection::new(
-                RejectReason::TooLarge,
-                format!(
-                    "event is {} bytes, more than source.max_event_bytes ({})",
-                    bytes.len(),
-                    self.source.max_event_bytes
-                ),
-            ));
-        }
+        check_size(&self.source, bytes)?;
         let text = std::str::from_utf8(bytes).map_err(|e| {
             Rejection::new(
                 RejectReason::Malformed,

@@ -186,6 +186,21 @@ fn check_required(schema: &Schema, fields: &[Value<'_>]) -> Result<(), Rejection
     Ok(())
 }
 
+/// Rejects an event larger than `source.max_event_bytes` before any decoding.
+pub fn check_size(source: &Source, bytes: &[u8]) -> Result<(), Rejection> {
+    if bytes.len() > source.max_event_bytes {
+        return Err(Rejection::new(
+            RejectReason::TooLarge,
+            format!(
+                "event is {} bytes, more than source.max_event_bytes ({})",
+                bytes.len(),
+                source.max_event_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Describes a declared type for error messages ("expected float").
 pub fn expected(ty: FieldType) -> &'static str {
     match ty {

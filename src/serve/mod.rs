@@ -18,7 +18,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::decode::time::write_rfc3339_ms;
-use crate::output::{write_json_str, write_value};
+use crate::output::{write_features, write_json_str};
 use crate::runtime::Shared;
 use crate::telemetry;
 
@@ -113,23 +113,9 @@ fn write_entity(state: &AppState, entity: &str, out: &mut String) -> bool {
     write_json_str(out, entity);
     out.push_str(",\"as_of\":\"");
     write_rfc3339_ms(out, as_of);
-    out.push_str("\",\"features\":{");
-    for (i, (feature, value)) in state
-        .shared
-        .pipeline
-        .features
-        .iter()
-        .zip(&values)
-        .enumerate()
-    {
-        if i > 0 {
-            out.push(',');
-        }
-        write_json_str(out, &feature.name);
-        out.push(':');
-        write_value(out, value);
-    }
-    out.push_str("}}");
+    out.push_str("\",\"features\":");
+    write_features(out, &state.shared.pipeline, &values);
+    out.push('}');
     true
 }
 
