@@ -1,14 +1,14 @@
 //! `featurestream demo`: the whole product on a fresh machine with nothing but cargo.
 //!
-//! Starts librdkafka's in-process mock cluster, writes realistic card transactions (with some
-//! malformed and late ones) to it, runs the quickstart pipeline (`pipelines/card_fraud.yaml`)
+//! Starts librdkafka's in-process mock cluster, streams realistic card transactions (with some
+//! malformed and late ones) into it while running the quickstart pipeline (`pipelines/card_fraud.yaml`)
 //! as the real service would — feature topic, dead letters, Parquet, HTTP API — and prints
 //! what happened and where to look.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -44,16 +44,22 @@ pub struct DemoOutcome {
 }
 
 /// Produces the demo events into the mock cluster and returns how many were bad and late.
+/// Events written ahead of what the service has consumed. The mock cluster keeps only the
+/// newest 5 MB of each partition, so the writer must not run too far ahead of the reader.
+const AHEAD: u64 = 10_000;
+
+/// Writes the demo events while the service consumes them, staying at most `AHEAD` events in
+/// front of it. Returns how many were bad and late, and a busy card to look up.
 fn produce_events(
     brokers: &str,
     topic: &str,
     options: &DemoOptions,
-    bar: &Option<ProgressBar>,
+    consumed: &AtomicU64,
 ) -> anyhow::Result<(u64, u64, String)> {
     let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
-        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
         .create()
         .context("cannot create the demo producer")?;
     // Event times end now, at 50 transactions per second.
@@ -86,10 +92,8 @@ fn produce_events(
                 }
             }
         }
-        if let Some(bar) = bar
-            && i % 4096 == 0
-        {
-            bar.set_position(i);
+        while i > consumed.load(Ordering::Relaxed) + AHEAD {
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
     producer
@@ -129,12 +133,6 @@ pub fn run_demo(
         );
         bar
     });
-    if let Some(bar) = &bar {
-        bar.set_message("writing card transactions");
-    }
-    let (produced_bad, produced_late, sample_entity) =
-        produce_events(&brokers, &input, &options, &bar)?;
-
     let _ = std::fs::remove_dir_all(options.out_dir.join("state"));
     let stop = Arc::new(AtomicBool::new(false));
     let shared = Shared::new(Arc::clone(&pipeline), Arc::clone(&stop));
@@ -192,7 +190,18 @@ pub fn run_demo(
         })
     });
     let started = Instant::now();
-    let report = run_service(Arc::clone(&shared), &run_options);
+    let service = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || run_service(shared, &run_options))
+    };
+    let produced = produce_events(&brokers, &input, &options, &shared.counters.consumed);
+    if produced.is_err() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    let report = service
+        .join()
+        .map_err(|_| anyhow::anyhow!("the processing thread panicked"))?;
+    let (produced_bad, produced_late, sample_entity) = produced?;
     progress_done.store(true, Ordering::Relaxed);
     if let Some(t) = progress_thread {
         let _ = t.join();

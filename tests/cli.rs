@@ -263,3 +263,70 @@ fn replay_reads_gzip_and_parquet_inputs() {
     assert_eq!(outputs[0], outputs[1], "gzip input");
     assert_eq!(outputs[0], outputs[2], "Parquet input");
 }
+
+/// The README's first command: the embedded demo, with more events than the mock cluster keeps
+/// per partition (it keeps only the newest 5 MB), so the writer must pace itself.
+#[test]
+fn the_demo_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let mut child = bin()
+        .args([
+            "demo",
+            "--events",
+            "120000",
+            "--http",
+            "127.0.0.1:0",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not finish within 5 minutes");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = |label: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("events in").contains("120000"), "{stdout}");
+    assert!(line("reconciles").ends_with("yes"), "{stdout}");
+    assert!(line("a look-up").contains("\"features\""), "{stdout}");
+    let snapshots: Vec<_> = walk(&out.join("features/card_fraud"));
+    assert!(
+        snapshots
+            .iter()
+            .any(|p| p.extension().is_some_and(|e| e == "parquet")),
+        "{snapshots:?}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
