@@ -227,18 +227,34 @@ fn as_of_value(feature: &Feature, events: &[(i64, u64, &Ev)], as_of: i64, w: i64
     }
 }
 
-fn close_enough(got: &FeatureValue, want: &FeatureValue, agg: Agg) -> bool {
+/// Float results are compared with the error that floating point allows for each aggregate:
+/// sums and means relative to the sum of magnitudes, spreads relative to the largest value (a
+/// running variance that adds and removes values cannot be more exact than the squares it
+/// sums), percentiles within the sketch's documented bound. `scale` is the largest magnitude
+/// among the values involved and `total` the sum of their magnitudes.
+fn close_enough(got: &FeatureValue, want: &FeatureValue, agg: Agg, scale: f64, total: f64) -> bool {
     match (got, want) {
         (FeatureValue::Float(g), FeatureValue::Float(w)) => {
-            let tolerance = if matches!(agg, Agg::Percentile(_)) {
-                sketch::RELATIVE_ACCURACY * w.abs() + 1e-9
-            } else {
-                1e-9 * w.abs().max(1.0)
+            let tolerance = match agg {
+                Agg::Percentile(_) => sketch::RELATIVE_ACCURACY * w.abs() + 1e-9,
+                Agg::Stddev | Agg::StddevPop => 1e-7 * scale.max(1.0),
+                Agg::Variance | Agg::VariancePop => 1e-7 * scale.max(1.0).powi(2),
+                _ => 1e-12 * total.max(1.0) + 1e-9 * w.abs().max(1.0),
             };
             (g - w).abs() <= tolerance
         }
         _ => got == want,
     }
+}
+
+/// The largest magnitude and the sum of magnitudes of the amounts in `events`.
+fn magnitudes(events: &[(i64, u64, &Ev)]) -> (f64, f64) {
+    events
+        .iter()
+        .filter_map(|(_, _, e)| e.amount)
+        .fold((0.0, 0.0), |(max, sum), a| {
+            (f64::max(max, a.abs()), sum + a.abs())
+        })
 }
 
 fn check_values(
@@ -248,10 +264,11 @@ fn check_values(
     as_of: i64,
     w: i64,
 ) -> Result<(), TestCaseError> {
+    let (scale, total) = magnitudes(events);
     for (feature, value) in p.features.iter().zip(got) {
         let want = as_of_value(feature, events, as_of, w);
         prop_assert!(
-            close_enough(value, &want, feature.agg),
+            close_enough(value, &want, feature.agg, scale, total),
             "feature {} as of {} (w {}): engine {:?}, reference {:?}",
             feature.name,
             as_of,
@@ -345,7 +362,7 @@ fn run_and_check(
             check_values(p, &now, &mine, as_of, w)?;
             for ((f, a), b) in p.features.iter().zip(&now).zip(emitted) {
                 prop_assert!(
-                    close_enough(a, b, Agg::Sum),
+                    a == b,
                     "{} of {} changed without a record: {:?} vs {:?}",
                     f.name,
                     entity,
@@ -471,7 +488,9 @@ state: { entity_ttl: never }
         prop_assert_eq!(got.len(), expected.len(), "windows: got {:?}\nwant {:?}", got, expected);
         for (g, e) in got.iter().zip(&expected) {
             prop_assert_eq!((&g.0, g.1, g.2, g.3), (&e.0, e.1, e.2, e.3));
-            prop_assert!(close_enough(&g.4, &e.4, p.features[g.1].agg), "{:?} vs {:?}", g, e);
+            let mine: Vec<_> = accepted.iter().filter(|(_, _, ev)| format!("c{}", ev.card) == g.0).cloned().collect();
+            let (scale, total) = magnitudes(&mine);
+            prop_assert!(close_enough(&g.4, &e.4, p.features[g.1].agg, scale, total), "{:?} vs {:?}", g, e);
         }
     }
 }
