@@ -226,9 +226,14 @@ fn describe(pipeline: &Pipeline) -> String {
         Emit::OnWindowClose => "on_window_close",
     };
     format!(
-        "pipeline `{}`: {} features ({}), topic {} keyed by `{}`, emit {}",
+        "pipeline `{}`: {} feature{} ({}), topic {} keyed by `{}`, emit {}",
         pipeline.name,
         pipeline.features.len(),
+        if pipeline.features.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
         kinds.join(", "),
         pipeline.source.kafka.topic,
         pipeline.source.schema.fields[pipeline.source.entity].name,
