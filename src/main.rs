@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use featurestream::config::duration::format_duration_ms;
-use featurestream::config::{Emit, Pipeline, Window};
+use featurestream::config::{Emit, Pipeline, Window, WindowWritten};
 
 #[derive(Parser)]
 #[command(
@@ -198,21 +198,17 @@ fn describe(pipeline: &Pipeline) -> String {
         .iter()
         .map(|f| match f.window {
             Window::Hopping {
-                size_ms, step_ms, ..
-            } if step_ms == size_ms => format!("tumbling {}", format_duration_ms(size_ms)),
-            Window::Hopping {
                 size_ms,
-                step_ms: 1,
-                ..
-            } => format!("sliding {}", format_duration_ms(size_ms)),
-            Window::Hopping {
-                size_ms, step_ms, ..
+                step_ms,
+                written,
             } => {
-                format!(
-                    "hopping {}/{}",
-                    format_duration_ms(size_ms),
-                    format_duration_ms(step_ms)
-                )
+                let (size, step) = (format_duration_ms(size_ms), format_duration_ms(step_ms));
+                match written {
+                    WindowWritten::Tumbling => format!("tumbling {size}"),
+                    WindowWritten::Sliding if step_ms == 1 => format!("sliding {size}"),
+                    WindowWritten::Sliding => format!("sliding {size} step {step}"),
+                    WindowWritten::Hopping => format!("hopping {size} step {step}"),
+                }
             }
             Window::Session { gap_ms } => format!("session {}", format_duration_ms(gap_ms)),
             Window::Lifetime => "lifetime".to_string(),
