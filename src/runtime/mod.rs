@@ -430,7 +430,7 @@ impl Worker {
             // One handle per batch: the label lookup is not repeated per event.
             let latency =
                 metrics::histogram!(telemetry::OUTPUT_LATENCY, "pipeline" => pipeline.name.clone());
-            for (index, message) in batch.iter().enumerate() {
+            'batch: for (index, message) in batch.iter().enumerate() {
                 if index % LOCK_STRETCH == LOCK_STRETCH - 1 {
                     // Let waiting look-ups in: they see the state between two events.
                     RwLockWriteGuard::bump(&mut engine);
@@ -460,9 +460,11 @@ impl Worker {
                     match result {
                         Err(AvroError::RegistryUnavailable(e)) => {
                             if shared.stop.load(Ordering::Relaxed) {
-                                // Not processed: leave its offset uncommitted.
+                                // Not processed: leave its offset (and the rest of the batch)
+                                // uncommitted; what came before is finished normally below.
                                 self.positions.insert(partition, message.offset());
-                                return Ok(consumed - 1);
+                                consumed -= 1;
+                                break 'batch;
                             }
                             tracing::warn!("{e}; retrying this record in 1s.");
                             std::thread::sleep(Duration::from_secs(1));
