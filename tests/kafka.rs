@@ -115,21 +115,48 @@ fn python() -> String {
     std::env::var("FEATURESTREAM_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-#[test]
-fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
+/// A test's own topics (input, output, dead letters), folder and pipeline file.
+struct Setup {
+    dir: tempfile::TempDir,
+    input: String,
+    output: String,
+    dlq: String,
+    pipeline: std::path::PathBuf,
+}
+
+/// Creates fresh topics (the input and output with `partitions`) and writes the pipeline.
+fn setup(name: &str, partitions: i32, format: &str, sink_format: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let (input, output, dlq) = (unique("cards"), unique("features"), unique("dlq"));
-    create_topics(&[(&input, 3), (&output, 3), (&dlq, 1)]);
+    let (input, output, dlq) = (unique(name), unique("features"), unique("dlq"));
+    create_topics(&[(&input, partitions), (&output, partitions), (&dlq, 1)]);
     let text = pipeline_text(
-        "it_stream",
+        &format!("it_{name}"),
         &input,
         &output,
         &dlq,
         dir.path(),
-        "json",
-        "json",
+        format,
+        sink_format,
     );
     let pipeline = write_pipeline(dir.path(), &text);
+    Setup {
+        dir,
+        input,
+        output,
+        dlq,
+        pipeline,
+    }
+}
+
+#[test]
+fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("stream", 3, "json", "json");
     let batch = events(3000, 0);
     produce(&input, &batch);
 
@@ -373,13 +400,13 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
 
 #[test]
 fn bad_and_late_events_are_dead_lettered_with_reasons() {
-    let dir = tempfile::tempdir().unwrap();
-    let (input, output, dlq) = (unique("mixed"), unique("features"), unique("dlq"));
-    create_topics(&[(&input, 1), (&output, 1), (&dlq, 1)]);
-    let pipeline = write_pipeline(
-        dir.path(),
-        &pipeline_text("it_dlq", &input, &output, &dlq, dir.path(), "json", "json"),
-    );
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq,
+        pipeline,
+    } = setup("dlq", 1, "json", "json");
     let good = |i: i64| {
         format!(
             r#"{{"card_id":"c{}","merchant_id":"m","amount":1.5,"status":"ok","ts":{}}}"#,
@@ -501,21 +528,13 @@ fn a_missing_input_topic_is_a_clear_error() {
 
 #[test]
 fn sigterm_midstream_and_restart_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (input, output, dlq) = (unique("restart"), unique("features"), unique("dlq"));
-    create_topics(&[(&input, 3), (&output, 3), (&dlq, 1)]);
-    let pipeline = write_pipeline(
-        dir.path(),
-        &pipeline_text(
-            "it_restart",
-            &input,
-            &output,
-            &dlq,
-            dir.path(),
-            "json",
-            "json",
-        ),
-    );
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("restart", 3, "json", "json");
     let batch = events(30_000, 0);
     produce(&input, &batch);
     let port = free_port();
@@ -566,21 +585,13 @@ fn sigterm_midstream_and_restart_lose_nothing() {
 #[test]
 fn avro_in_and_out_through_the_registry() {
     use apache_avro::types::Value as Avro;
-    let dir = tempfile::tempdir().unwrap();
-    let (input, output, dlq) = (unique("avro-in"), unique("avro-out"), unique("dlq"));
-    create_topics(&[(&input, 1), (&output, 1), (&dlq, 1)]);
-    let pipeline = write_pipeline(
-        dir.path(),
-        &pipeline_text(
-            "it_avro",
-            &input,
-            &output,
-            &dlq,
-            dir.path(),
-            "avro_confluent",
-            "avro",
-        ),
-    );
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq,
+        pipeline,
+    } = setup("avro", 1, "avro_confluent", "avro");
     let schema_text = r#"{"type":"record","name":"Txn","fields":[
         {"name":"card_id","type":"string"},{"name":"merchant_id","type":"string"},
         {"name":"amount","type":"double"},{"name":"status","type":"string"},

@@ -9,6 +9,8 @@ use crate::decode::registry::{RegistryClient, RegistryError};
 use crate::engine::FeatureValue;
 use crate::output::{write_update, write_window_closed};
 
+// One long-lived encoder per service: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Encoder {
     Json(String),
     Avro {
@@ -16,6 +18,7 @@ pub enum Encoder {
         id: u32,
         pipeline: String,
         features: Vec<(String, ValueType)>,
+        buf: Vec<u8>,
     },
 }
 
@@ -96,6 +99,7 @@ impl Encoder {
             schema,
             id,
             pipeline: pipeline.name.clone(),
+            buf: Vec::with_capacity(256),
             features: pipeline
                 .features
                 .iter()
@@ -104,16 +108,27 @@ impl Encoder {
         })
     }
 
-    fn framed(schema: &Schema, id: u32, value: AvroValue, out: &mut Vec<u8>) {
-        out.clear();
-        out.push(0);
-        out.extend_from_slice(&id.to_be_bytes());
-        // The values are built from the schema itself, so encoding cannot fail; an empty
-        // payload would be visible downstream rather than silently wrong.
+    /// Frames an Avro record (magic byte, schema id, datum) into `buf`; `None` if the record
+    /// does not fit the schema, which would be a bug in how records are built.
+    fn framed<'b>(
+        schema: &Schema,
+        id: u32,
+        value: AvroValue,
+        buf: &'b mut Vec<u8>,
+    ) -> Option<&'b [u8]> {
         #[allow(deprecated)]
-        if let Ok(bytes) = apache_avro::to_avro_datum(schema, value) {
-            out.extend_from_slice(&bytes);
-        }
+        let datum = match apache_avro::to_avro_datum(schema, value) {
+            Ok(datum) => datum,
+            Err(e) => {
+                tracing::error!("A feature record does not fit its own Avro schema: {e}");
+                return None;
+            }
+        };
+        buf.clear();
+        buf.push(0);
+        buf.extend_from_slice(&id.to_be_bytes());
+        buf.extend_from_slice(&datum);
+        Some(buf)
     }
 
     pub fn update(
@@ -122,20 +137,19 @@ impl Encoder {
         entity: &str,
         as_of: i64,
         values: &[FeatureValue],
-        out: &mut Vec<u8>,
-    ) {
+    ) -> Option<&[u8]> {
         match self {
             Encoder::Json(line) => {
                 line.clear();
                 write_update(line, pipeline, entity, as_of, values);
-                out.clear();
-                out.extend_from_slice(line.as_bytes());
+                Some(line.as_bytes())
             }
             Encoder::Avro {
                 schema,
                 id,
                 pipeline: name,
                 features,
+                buf,
             } => {
                 let fields = features
                     .iter()
@@ -148,7 +162,7 @@ impl Encoder {
                     ("as_of".into(), AvroValue::TimestampMillis(as_of)),
                     ("features".into(), AvroValue::Record(fields)),
                 ]);
-                Self::framed(schema, *id, record, out);
+                Self::framed(schema, *id, record, buf)
             }
         }
     }
@@ -160,20 +174,19 @@ impl Encoder {
         feature: usize,
         (start, end): (i64, i64),
         value: &FeatureValue,
-        out: &mut Vec<u8>,
-    ) {
+    ) -> Option<&[u8]> {
         match self {
             Encoder::Json(line) => {
                 line.clear();
                 write_window_closed(line, pipeline, entity, feature, start, end, value);
-                out.clear();
-                out.extend_from_slice(line.as_bytes());
+                Some(line.as_bytes())
             }
             Encoder::Avro {
                 schema,
                 id,
                 pipeline: name,
                 features,
+                buf,
             } => {
                 let record = AvroValue::Record(vec![
                     ("pipeline".into(), AvroValue::String(name.clone())),
@@ -191,7 +204,7 @@ impl Encoder {
                     ("window_end".into(), AvroValue::TimestampMillis(end)),
                     ("value".into(), union(value, false)),
                 ]);
-                Self::framed(schema, *id, record, out);
+                Self::framed(schema, *id, record, buf)
             }
         }
     }

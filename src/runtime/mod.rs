@@ -218,7 +218,6 @@ struct Worker {
     skip_below: BTreeMap<i32, i64>,
     last_checkpoint: Instant,
     fatal: Option<anyhow::Error>,
-    payload: Vec<u8>,
     /// Set at shutdown: partitions revoked by leaving the group keep their state in memory
     /// (the HTTP API can still answer until the process exits).
     closing: bool,
@@ -231,7 +230,6 @@ struct OutputSink<'w> {
     encoder: &'w mut Encoder,
     pipeline: &'w Pipeline,
     parquet: Option<&'w mut ParquetOutputs>,
-    payload: &'w mut Vec<u8>,
     produced: u64,
 }
 
@@ -250,19 +248,28 @@ fn send(producer: &Output, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), Kaf
     }
 }
 
-impl OutputSink<'_> {
-    fn emit(&mut self, key: &str) {
-        if let Some(topic) = self.topic {
-            let record = BaseRecord::to(topic)
-                .key(key.as_bytes())
-                .payload(self.payload.as_slice());
-            if let Err(e) = send(self.worker_producer, record) {
-                tracing::error!("Cannot queue a feature record for `{topic}`: {e}");
-            } else {
-                self.produced += 1;
+/// Sends one encoded feature record. A record that cannot even be queued counts as a failed
+/// delivery: the next checkpoint then stops the service instead of committing past it.
+fn emit(producer: &Output, topic: &str, key: &str, payload: Option<&[u8]>) -> bool {
+    let failure = match payload {
+        None => "a feature record could not be encoded".to_string(),
+        Some(payload) => {
+            let record = BaseRecord::to(topic).key(key.as_bytes()).payload(payload);
+            match send(producer, record) {
+                Ok(()) => return true,
+                Err(e) => format!("cannot queue a feature record for `{topic}`: {e}"),
             }
         }
-    }
+    };
+    tracing::error!("{failure}");
+    let context = producer.context();
+    context.failed.fetch_add(1, Ordering::Relaxed);
+    context
+        .first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert(failure);
+    false
 }
 
 impl RecordSink for OutputSink<'_> {
@@ -270,10 +277,9 @@ impl RecordSink for OutputSink<'_> {
         if let Some(parquet) = self.parquet.as_deref_mut() {
             parquet.log_update(entity, as_of, values);
         }
-        if self.topic.is_some() {
-            self.encoder
-                .update(self.pipeline, entity, as_of, values, self.payload);
-            self.emit(entity);
+        if let Some(topic) = self.topic {
+            let payload = self.encoder.update(self.pipeline, entity, as_of, values);
+            self.produced += u64::from(emit(self.worker_producer, topic, entity, payload));
         }
     }
 
@@ -285,16 +291,11 @@ impl RecordSink for OutputSink<'_> {
         end: i64,
         value: &FeatureValue,
     ) {
-        if self.topic.is_some() {
-            self.encoder.window_closed(
-                self.pipeline,
-                entity,
-                feature,
-                (start, end),
-                value,
-                self.payload,
-            );
-            self.emit(entity);
+        if let Some(topic) = self.topic {
+            let payload =
+                self.encoder
+                    .window_closed(self.pipeline, entity, feature, (start, end), value);
+            self.produced += u64::from(emit(self.worker_producer, topic, entity, payload));
         }
     }
 }
@@ -424,7 +425,6 @@ impl Worker {
                 encoder: &mut self.encoder,
                 pipeline: &pipeline,
                 parquet: self.parquet.as_mut(),
-                payload: &mut self.payload,
                 produced: 0,
             };
             // One handle per batch: the label lookup is not repeated per event.
@@ -716,7 +716,6 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         skip_below: BTreeMap::new(),
         last_checkpoint: Instant::now(),
         fatal: None,
-        payload: Vec::with_capacity(512),
         closing: false,
     }));
 
