@@ -125,6 +125,8 @@ pub struct Engine {
     watermark: i64,
     values: Vec<FeatureValue>,
     closed: Vec<Closed>,
+    /// Scratch list of `(due, slot)` fired by one watermark move, kept to reuse its buffer.
+    due_now: Vec<(i64, u32)>,
 }
 
 impl Engine {
@@ -136,6 +138,7 @@ impl Engine {
             watermark: i64::MIN,
             values: Vec::new(),
             closed: Vec::new(),
+            due_now: Vec::new(),
         }
     }
 
@@ -299,7 +302,7 @@ impl Engine {
         let pipeline = Arc::clone(&self.pipeline);
         let features = &pipeline.features;
         let w = clock.watermark;
-        let mut due_now: Vec<(i64, u32)> = Vec::new();
+        let mut due_now = std::mem::take(&mut self.due_now);
         for part in self.partitions.values_mut() {
             // Collect what is due first and fire it in (due time, slot) order, so the order of
             // records does not depend on the history of the timer heap (it differs after a
@@ -313,13 +316,14 @@ impl Engine {
                 let Some(entity) = part.entities.get_mut(slot) else {
                     continue;
                 };
-                if entity.queued != Some(at) {
+                if entity.queued != at {
                     continue;
                 }
-                entity.queued = None;
+                entity.queued = state::NEVER;
                 match entity.due {
-                    Some(due) if due <= w => due_now.push((due, slot)),
-                    due => part.schedule(slot, due),
+                    due if due <= w => due_now.push((due, slot)),
+                    state::NEVER => {}
+                    due => part.schedule(slot, Some(due)),
                 }
             }
             due_now.sort_unstable();
@@ -361,6 +365,7 @@ impl Engine {
                 part.schedule(slot, due);
             }
         }
+        self.due_now = due_now;
     }
 
     /// Every feature value of `entity` as of now (the watermark, or the entity's newest event

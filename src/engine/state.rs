@@ -9,6 +9,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, Hasher};
 
+use compact_str::CompactString;
 use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
@@ -266,32 +267,40 @@ impl FeatureState {
 /// Everything kept for one entity in one partition.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EntityState {
-    pub id: Box<str>,
+    /// Ids up to 24 bytes are stored inline, which saves a cache miss per look-up.
+    pub id: CompactString,
     /// The newest event time seen for this entity.
     pub newest: i64,
     /// The time the feature state currently describes (`>= newest`).
     pub as_of: i64,
     /// Hash of the last emitted feature values, to emit time-driven records only on change.
     pub emitted: u64,
-    pub features: Vec<FeatureState>,
-    /// When time next changes this entity (`None`: never); rebuilt on restore.
-    #[serde(skip)]
-    pub due: Option<i64>,
-    /// The time of this entity's live entry in the timer heap.
-    #[serde(skip)]
-    pub queued: Option<i64>,
+    pub features: Box<[FeatureState]>,
+    /// When time next changes this entity ([`NEVER`]: never); rebuilt on restore.
+    #[serde(skip, default = "never")]
+    pub due: i64,
+    /// The time of this entity's live entry in the timer heap ([`NEVER`]: none).
+    #[serde(skip, default = "never")]
+    pub queued: i64,
+}
+
+/// "No time" for [`EntityState::due`] and [`EntityState::queued`]: no watermark passes it.
+pub const NEVER: i64 = i64::MAX;
+
+fn never() -> i64 {
+    NEVER
 }
 
 impl EntityState {
     pub fn new(id: &str, time: i64, features: &[Feature]) -> Self {
         EntityState {
-            id: id.into(),
+            id: CompactString::from(id),
             newest: time,
             as_of: time,
             emitted: 0,
             features: features.iter().map(FeatureState::new).collect(),
-            due: None,
-            queued: None,
+            due: NEVER,
+            queued: NEVER,
         }
     }
 
@@ -321,8 +330,12 @@ impl EntityState {
 
     pub fn bytes(&self) -> usize {
         std::mem::size_of::<EntityState>()
-            + self.id.len()
-            + self.features.capacity() * std::mem::size_of::<FeatureState>()
+            + if self.id.is_heap_allocated() {
+                self.id.len()
+            } else {
+                0
+            }
+            + self.features.len() * std::mem::size_of::<FeatureState>()
             + self
                 .features
                 .iter()
@@ -447,11 +460,11 @@ impl PartitionState {
         let Some(entity) = self.entities.get_mut(slot) else {
             return;
         };
-        entity.due = due;
+        entity.due = due.unwrap_or(NEVER);
         if let Some(d) = due
-            && entity.queued.is_none_or(|q| d < q)
+            && d < entity.queued
         {
-            entity.queued = Some(d);
+            entity.queued = d;
             self.timers.push(Reverse((d, slot)));
         }
     }

@@ -18,6 +18,7 @@ pub fn floor_div(a: i64, b: i64) -> i64 {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "StoredPanes<A>")]
 pub struct Panes<A> {
     /// Sorted by pane index; each pane holds at least one event.
     panes: VecDeque<(i64, A)>,
@@ -26,6 +27,34 @@ pub struct Panes<A> {
     running_from: i64,
     /// Start (in panes) of the earliest window not yet emitted by `on_window_close`.
     closed_before: i64,
+    /// Position in `panes` of the first pane of the running total, kept in step with
+    /// `running_from` so that moving the window never searches (derived, not stored).
+    #[serde(skip_serializing)]
+    running_pos: usize,
+}
+
+/// The stored form of [`Panes`]: the same fields without the derived position.
+#[derive(Deserialize)]
+struct StoredPanes<A> {
+    panes: VecDeque<(i64, A)>,
+    running: A,
+    running_from: i64,
+    closed_before: i64,
+}
+
+impl<A> From<StoredPanes<A>> for Panes<A> {
+    fn from(stored: StoredPanes<A>) -> Self {
+        let running_pos = stored
+            .panes
+            .partition_point(|(p, _)| *p < stored.running_from);
+        Panes {
+            panes: stored.panes,
+            running: stored.running,
+            running_from: stored.running_from,
+            closed_before: stored.closed_before,
+            running_pos,
+        }
+    }
 }
 
 impl<A: Accumulator> Default for Panes<A> {
@@ -35,6 +64,7 @@ impl<A: Accumulator> Default for Panes<A> {
             running: A::default(),
             running_from: i64::MIN,
             closed_before: i64::MIN,
+            running_pos: 0,
         }
     }
 }
@@ -53,6 +83,9 @@ impl<A: Accumulator> Panes<A> {
                 let mut acc = A::default();
                 acc.add(input);
                 self.panes.insert(i, (pane, acc));
+                if pane < self.running_from {
+                    self.running_pos += 1;
+                }
             }
         }
         if pane >= self.running_from {
@@ -68,22 +101,26 @@ impl<A: Accumulator> Panes<A> {
     /// Makes the running total cover panes `>= from`.
     pub fn set_running_from(&mut self, from: i64) {
         if from > self.running_from {
-            let (lo, hi) = (self.position(self.running_from), self.position(from));
             let mut exact = true;
-            for (_, acc) in self.panes.range(lo..hi) {
-                if !self.running.subtract(acc) {
-                    exact = false;
+            while let Some((p, acc)) = self.panes.get(self.running_pos) {
+                if *p >= from {
                     break;
                 }
+                exact = exact && self.running.subtract(acc);
+                self.running_pos += 1;
             }
             self.running_from = from;
             if !exact {
                 self.rebuild();
             }
         } else if from < self.running_from {
-            let (lo, hi) = (self.position(from), self.position(self.running_from));
-            for (_, acc) in self.panes.range(lo..hi) {
+            while let Some(prev) = self.running_pos.checked_sub(1) {
+                let (p, acc) = &self.panes[prev];
+                if *p < from {
+                    break;
+                }
                 self.running.merge(acc);
+                self.running_pos = prev;
             }
             self.running_from = from;
         }
@@ -91,7 +128,7 @@ impl<A: Accumulator> Panes<A> {
 
     fn rebuild(&mut self) {
         let mut running = A::default();
-        for (_, acc) in self.panes.range(self.position(self.running_from)..) {
+        for (_, acc) in self.panes.range(self.running_pos..) {
             running.merge(acc);
         }
         self.running = running;
@@ -102,6 +139,7 @@ impl<A: Accumulator> Panes<A> {
         let limit = pane.min(self.running_from);
         while self.panes.front().is_some_and(|(p, _)| *p < limit) {
             self.panes.pop_front();
+            self.running_pos = self.running_pos.saturating_sub(1);
         }
     }
 
@@ -111,9 +149,7 @@ impl<A: Accumulator> Panes<A> {
 
     /// The oldest pane in the running total.
     pub fn oldest_running(&self) -> Option<i64> {
-        self.panes
-            .get(self.position(self.running_from))
-            .map(|(p, _)| *p)
+        self.panes.get(self.running_pos).map(|(p, _)| *p)
     }
 
     pub fn is_empty(&self) -> bool {
