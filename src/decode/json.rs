@@ -69,18 +69,16 @@ impl<'a> Parser<'a> {
     fn string(&mut self) -> Result<Cow<'a, str>, Syntax> {
         self.expect(b'"', "expected a string")?;
         let start = self.at;
-        loop {
-            match self.bytes.get(self.at) {
-                None => return self.fail("unterminated string"),
-                Some(b'"') => {
-                    let s = &self.text[start..self.at];
-                    self.at += 1;
-                    return Ok(Cow::Borrowed(s));
-                }
-                Some(b'\\') => break,
-                Some(&b) if b < 0x20 => return self.fail("control character in a string"),
-                Some(_) => self.at += 1,
+        self.at = start + plain_run(&self.bytes[start..]);
+        match self.bytes.get(self.at) {
+            None => return self.fail("unterminated string"),
+            Some(b'"') => {
+                let s = &self.text[start..self.at];
+                self.at += 1;
+                return Ok(Cow::Borrowed(s));
             }
+            Some(b'\\') => {}
+            Some(_) => return self.fail("control character in a string"),
         }
         let mut owned = String::from(&self.text[start..self.at]);
         loop {
@@ -133,12 +131,7 @@ impl<'a> Parser<'a> {
                 Some(&b) if b < 0x20 => return self.fail("control character in a string"),
                 Some(_) => {
                     let run_start = self.at;
-                    while let Some(&b) = self.bytes.get(self.at) {
-                        if b == b'"' || b == b'\\' || b < 0x20 {
-                            break;
-                        }
-                        self.at += 1;
-                    }
+                    self.at += plain_run(&self.bytes[run_start..]);
                     owned.push_str(&self.text[run_start..self.at]);
                 }
             }
@@ -286,6 +279,34 @@ impl<'a> Parser<'a> {
     }
 }
 
+/// Length of the leading run of bytes that need no attention inside a string: everything but
+/// `"`, `\\` and control characters. Eight bytes at a time: for each test the expression sets
+/// the top bit of a byte that matches, and the lowest set bit is always a true match.
+fn plain_run(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let mut at = 0;
+    let mut words = bytes.chunks_exact(8);
+    for chunk in &mut words {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let hits = has_zero(x ^ (ONES * u64::from(b'"')))
+            | has_zero(x ^ (ONES * u64::from(b'\\')))
+            | (x.wrapping_sub(ONES * 0x20) & !x & HIGH);
+        if hits != 0 {
+            return at + (hits.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    at + words
+        .remainder()
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+        .unwrap_or(words.remainder().len())
+}
+
 fn quote_prefix(s: &str) -> String {
     const LIMIT: usize = 40;
     if s.len() <= LIMIT {
@@ -366,6 +387,7 @@ impl JsonDecoder {
         let schema = &self.source.schema;
         let mut fields = vec![Value::Null; schema.fields.len()];
         let mut schema_error: Option<String> = None;
+        let mut next_guess = 0;
         let parsed = (|| -> Result<(), Syntax> {
             parser.at += 1;
             parser.skip_ws();
@@ -378,7 +400,14 @@ impl JsonDecoder {
                     parser.expect(b':', "expected `:`")?;
                     parser.skip_ws();
                     let found = parser.value(1)?;
-                    if let Some(index) = schema.fields.iter().position(|f| f.name == key) {
+                    // Producers usually write keys in one order: try the field after the last
+                    // one matched before searching them all.
+                    let index = match schema.fields.get(next_guess) {
+                        Some(f) if f.name == key => Some(next_guess),
+                        _ => schema.fields.iter().position(|f| f.name == key),
+                    };
+                    if let Some(index) = index {
+                        next_guess = index + 1;
                         let def = &schema.fields[index];
                         match typed(&def.name, def.ty, found) {
                             Ok(value) => fields[index] = value,

@@ -83,6 +83,8 @@ pub trait Accumulator: Clone + Default + Serialize + for<'de> Deserialize<'de> {
     fn heap_bytes(&self) -> usize {
         0
     }
+    /// Starts loading what this accumulator keeps on the heap (see `prefetch`).
+    fn prefetch(&self) {}
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -568,6 +570,11 @@ impl Accumulator for DistinctAcc {
     fn output(&self, _: Agg, _: ValueType) -> FeatureValue {
         FeatureValue::Int(self.len() as i64)
     }
+    fn prefetch(&self) {
+        if let DistinctAcc::Small(v) = self {
+            super::prefetch::prefetch(v.as_ptr());
+        }
+    }
     fn heap_bytes(&self) -> usize {
         match self {
             DistinctAcc::Small(v) => v.capacity() * std::mem::size_of::<(u64, u32)>(),
@@ -602,5 +609,8 @@ impl Accumulator for SketchAcc {
     }
     fn heap_bytes(&self) -> usize {
         self.0.heap_bytes()
+    }
+    fn prefetch(&self) {
+        self.0.prefetch();
     }
 }

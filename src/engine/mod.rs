@@ -7,6 +7,7 @@
 //! State lives per input partition and can be snapshotted and restored partition by partition.
 
 pub mod agg;
+mod prefetch;
 pub mod sketch;
 pub mod state;
 pub mod window;
@@ -216,6 +217,7 @@ impl Engine {
         let Some(entity) = part.entities.get_mut(slot) else {
             return Outcome::Aggregated;
         };
+        entity.prefetch();
         let as_of = entity.newest.max(time);
         entity.newest = as_of;
         entity.as_of = as_of;
@@ -327,7 +329,18 @@ impl Engine {
                 }
             }
             due_now.sort_unstable();
-            for &(_, slot) in &due_now {
+            for (i, &(_, slot)) in due_now.iter().enumerate() {
+                // A short software pipeline over the entities due: the header three ahead, the
+                // feature array two ahead, the window buffers of the next one.
+                if let Some(&(_, ahead)) = due_now.get(i + 3) {
+                    part.entities.prefetch_slot(ahead);
+                }
+                if let Some(e) = due_now.get(i + 2).and_then(|&(_, s)| part.entities.get(s)) {
+                    e.prefetch_features();
+                }
+                if let Some(e) = due_now.get(i + 1).and_then(|&(_, s)| part.entities.get(s)) {
+                    e.prefetch();
+                }
                 let Some(entity) = part.entities.get_mut(slot) else {
                     continue;
                 };

@@ -152,6 +152,11 @@ impl Sketch {
         self.positive.0.last().map(|&(b, _)| representative(b))
     }
 
+    /// Starts loading the positive buckets, where most values land.
+    pub fn prefetch(&self) {
+        super::prefetch::prefetch(self.positive.0.as_ptr());
+    }
+
     pub fn heap_bytes(&self) -> usize {
         (self.positive.0.capacity() + self.negative.0.capacity())
             * std::mem::size_of::<(i32, u32)>()

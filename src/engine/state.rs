@@ -166,6 +166,14 @@ impl<A: Accumulator> Slot<A> {
         }
     }
 
+    fn prefetch(&self) {
+        match self {
+            Slot::Panes(p) => p.prefetch(),
+            Slot::Sessions(s) => s.prefetch(),
+            Slot::Lifetime(a) => a.prefetch(),
+        }
+    }
+
     fn heap_bytes(&self) -> usize {
         match self {
             Slot::Panes(p) => p.heap_bytes(),
@@ -262,6 +270,10 @@ impl FeatureState {
     pub fn heap_bytes(&self) -> usize {
         with_slot!(self, slot => slot.heap_bytes())
     }
+
+    pub fn prefetch(&self) {
+        with_slot!(self, slot => slot.prefetch())
+    }
 }
 
 /// Everything kept for one entity in one partition.
@@ -301,6 +313,23 @@ impl EntityState {
             features: features.iter().map(FeatureState::new).collect(),
             due: NEVER,
             queued: NEVER,
+        }
+    }
+
+    /// Starts loading every allocation the entity's features own, so that the cache misses of
+    /// a cold entity overlap rather than come one after another.
+    pub fn prefetch(&self) {
+        for state in self.features.iter() {
+            state.prefetch();
+        }
+    }
+
+    /// Starts loading the feature array (not what it points to).
+    pub fn prefetch_features(&self) {
+        let bytes = std::mem::size_of_val(&*self.features);
+        let base = self.features.as_ptr().cast::<u8>();
+        for offset in (0..bytes).step_by(64) {
+            super::prefetch::prefetch(base.wrapping_add(offset));
         }
     }
 
@@ -410,6 +439,13 @@ impl EntityStore {
 
     pub fn get(&self, slot: u32) -> Option<&EntityState> {
         self.slots.get(slot as usize)?.as_ref()
+    }
+
+    /// Starts loading a slot's entity header without reading it.
+    pub fn prefetch_slot(&self, slot: u32) {
+        if let Some(entry) = self.slots.get(slot as usize) {
+            super::prefetch::prefetch(entry);
+        }
     }
 
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut EntityState> {

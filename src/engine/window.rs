@@ -198,6 +198,17 @@ impl<A: Accumulator> Panes<A> {
         }
     }
 
+    /// Starts loading the panes an update touches: the newest and the running total's first.
+    pub fn prefetch(&self) {
+        if let Some(newest) = self.panes.back() {
+            super::prefetch::prefetch(newest);
+        }
+        if let Some(first) = self.panes.get(self.running_pos) {
+            super::prefetch::prefetch(first);
+        }
+        self.running.prefetch();
+    }
+
     pub fn heap_bytes(&self) -> usize {
         self.panes.capacity() * std::mem::size_of::<(i64, A)>()
             + self
@@ -305,6 +316,10 @@ impl<A: Accumulator> Sessions<A> {
 
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
+    }
+
+    pub fn prefetch(&self) {
+        super::prefetch::prefetch(self.list.as_ptr());
     }
 
     pub fn heap_bytes(&self) -> usize {
