@@ -63,6 +63,13 @@ const CARD_FEATURES: &str = r#"  - { name: txn_count_10m, agg: count, window: { 
   - { name: amount_p90_all, agg: { percentile: 0.9 }, field: amount, window: lifetime }"#;
 
 fn main() {
+    // RUST_LOG=featurestream=debug shows the service's checkpoint timings.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let events = env("E2E_EVENTS", 2_000_000);
     let rate = env("E2E_RATE", 50_000);
     let latency_secs = env("E2E_LATENCY_SECS", 20);

@@ -61,7 +61,10 @@ pub const ALL: &[(&str, &str)] = &[
         "Wall-clock time from an event's Kafka timestamp to its feature record being sent.",
     ),
     (STATE_ENTITIES, "Entities held in state."),
-    (STATE_BYTES, "Estimated bytes of feature state."),
+    (
+        STATE_BYTES,
+        "Size of the feature state as last checkpointed (serialised bytes).",
+    ),
     (SNAPSHOT_DURATION, "Time to write one Parquet snapshot."),
     (SNAPSHOT_BYTES, "Size of the last Parquet snapshot file."),
     (

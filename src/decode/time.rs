@@ -126,20 +126,40 @@ pub fn format_rfc3339_ms(ms: i64) -> String {
     out
 }
 
-/// Appends the RFC 3339 form of `ms` to `out` (no allocation beyond growing `out`).
+/// Appends the RFC 3339 form of `ms` to `out` (no allocation beyond growing `out`). Written
+/// digit by digit: every output record carries one or more of these.
 pub fn write_rfc3339_ms(out: &mut String, ms: i64) {
-    use std::fmt::Write;
     let days = ms.div_euclid(86_400_000);
     let in_day = ms.rem_euclid(86_400_000);
     let (year, month, day) = civil_from_days(days);
     let (h, rest) = (in_day / 3_600_000, in_day % 3_600_000);
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, milli) = (rest / 1000, rest % 1000);
-    // Writing into a String cannot fail.
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z"
-    );
+    if !(0..=9999).contains(&year) {
+        use std::fmt::Write;
+        // Writing into a String cannot fail.
+        let _ = write!(
+            out,
+            "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z"
+        );
+        return;
+    }
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut value: i64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, i64::from(month));
+    put(8, 2, i64::from(day));
+    put(11, 2, h);
+    put(14, 2, m);
+    put(17, 2, s);
+    put(20, 3, milli);
+    // Only ASCII digits and separators were written.
+    out.push_str(std::str::from_utf8(&text).unwrap_or_default());
 }
 
 /// The UTC date (`YYYY-MM-DD`) and hour of an instant, for Hive-style partition folders.

@@ -408,6 +408,11 @@ impl Engine {
         }
     }
 
+    /// Live entities over all partitions (cheap, unlike [`Engine::state_stats`]).
+    pub fn entity_count(&self) -> usize {
+        self.partitions.values().map(|p| p.entities.len()).sum()
+    }
+
     pub fn state_stats(&self) -> StateStats {
         let mut stats = StateStats::default();
         for part in self.partitions.values() {

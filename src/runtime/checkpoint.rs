@@ -42,6 +42,7 @@ pub struct Checkpoint {
     pub state: Vec<u8>,
 }
 
+#[derive(Debug, Clone)]
 pub struct CheckpointStore {
     dir: PathBuf,
     topic: String,

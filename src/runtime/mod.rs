@@ -29,7 +29,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, Timestamp};
 
-use self::checkpoint::{Checkpoint, CheckpointStore};
+use self::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use self::encode::Encoder;
 use self::outputs::ParquetOutputs;
 use crate::config::{Format, OnLate, Pipeline, StartOffset};
@@ -217,6 +217,9 @@ struct Worker {
     /// Offsets below these are already in restored state and are skipped.
     skip_below: BTreeMap<i32, i64>,
     last_checkpoint: Instant,
+    /// A checkpoint whose files are being written off the consuming thread; its offsets are
+    /// committed once they are durable.
+    pending: Option<PendingCheckpoint>,
     fatal: Option<anyhow::Error>,
     /// Set at shutdown: partitions revoked by leaving the group keep their state in memory
     /// (the HTTP API can still answer until the process exits).
@@ -543,12 +546,16 @@ impl Worker {
         final_one: bool,
     ) -> anyhow::Result<bool> {
         self.last_checkpoint = Instant::now();
+        let began = Instant::now();
         let wait = if final_one {
             Duration::from_secs(60)
         } else {
             Duration::from_secs(10)
         };
-        if let Err(e) = self.producer.flush(wait) {
+        // One checkpoint at a time: the previous one's files are durable and its offsets
+        // committed before this one starts.
+        self.finish_pending(consumer, true)?;
+        if let Err(e) = wait_for_deliveries(&self.producer, wait) {
             tracing::warn!(
                 "Outputs are not all acknowledged yet ({e}); offsets stay uncommitted until they are."
             );
@@ -568,12 +575,14 @@ impl Worker {
                 first.unwrap_or_default()
             ));
         }
+        let flushed = began.elapsed();
         let engine = self.shared.engine_read();
         if let Some(parquet) = &mut self.parquet
             && !parquet.flush(&self.shared.pipeline, &engine, now_ms(), final_one)
         {
             return Ok(false);
         }
+        let snapshots_written = began.elapsed();
         let watermark = engine.watermark();
         for &p in self.positions.keys() {
             if let Some(w) = engine.partition_watermark(p as u32) {
@@ -581,44 +590,141 @@ impl Worker {
                     .set(w as f64 / 1000.0);
             }
         }
-        let mut list = TopicPartitionList::new();
-        let topic = &self.shared.pipeline.source.kafka.topic;
+        let mut files = Vec::with_capacity(self.positions.len());
         for (&p, &next_offset) in &self.positions {
-            let started = Instant::now();
             let state = engine.snapshot_partition(p as u32)?;
-            let serialised = started.elapsed();
-            let bytes = state.len();
-            self.store.save(
+            files.push((
                 p,
-                &Checkpoint {
+                Checkpoint {
                     next_offset,
                     watermark,
                     state,
                 },
-            )?;
-            list.add_partition_offset(topic, p, Offset::Offset(next_offset))?;
-            tracing::debug!(
-                partition = p,
-                bytes,
-                serialise_ms = serialised.as_millis() as u64,
-                write_ms = (started.elapsed() - serialised).as_millis() as u64,
-                "Saved a partition checkpoint."
-            );
+            ));
         }
-        let stats = engine.state_stats();
+        let serialised = began.elapsed();
+        let entities = engine.entity_count();
         drop(engine);
-        let name = self.shared.pipeline.name.clone();
-        metrics::gauge!(telemetry::STATE_ENTITIES, "pipeline" => name.clone())
-            .set(stats.entities as f64);
-        metrics::gauge!(telemetry::STATE_BYTES, "pipeline" => name.clone()).set(stats.bytes as f64);
+        let name = &self.shared.pipeline.name;
+        metrics::gauge!(telemetry::STATE_ENTITIES, "pipeline" => name.clone()).set(entities as f64);
+        let bytes: usize = files.iter().map(|(_, c)| c.state.len()).sum();
+        metrics::gauge!(telemetry::STATE_BYTES, "pipeline" => name.clone()).set(bytes as f64);
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::debug!(
+            outputs_flushed_ms = ms(flushed),
+            parquet_ms = ms(snapshots_written - flushed),
+            serialise_ms = ms(serialised - snapshots_written),
+            bytes,
+            "Checkpoint taken; writing it."
+        );
+        let offsets: Vec<(i32, i64)> = files.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+        let store = self.store.clone();
+        let write_all = move || {
+            files
+                .iter()
+                .try_for_each(|(p, checkpoint)| store.save(*p, checkpoint))
+        };
+        if final_one {
+            // Stopping or handing partitions over: everything is durable before returning.
+            write_all()?;
+            return Ok(self.commit(consumer, &offsets, began));
+        }
+        // Writing and syncing the files does not need the state: consumption goes on meanwhile.
+        let writing = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(write_all)
+            .context("cannot start the checkpoint writer thread")?;
+        self.pending = Some(PendingCheckpoint {
+            writing,
+            offsets,
+            began,
+        });
+        Ok(true)
+    }
+
+    /// Completes the background checkpoint if its files are written (or waits for them when
+    /// `wait`), then commits its offsets. A file that could not be written stops the service.
+    fn finish_pending(
+        &mut self,
+        consumer: &BaseConsumer<RunContext>,
+        wait: bool,
+    ) -> anyhow::Result<()> {
+        if !self
+            .pending
+            .as_ref()
+            .is_some_and(|p| wait || p.writing.is_finished())
+        {
+            return Ok(());
+        }
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        match pending.writing.join() {
+            Ok(Ok(())) => {
+                self.commit(consumer, &pending.offsets, pending.began);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(anyhow!("the checkpoint writer thread panicked")),
+        }
+    }
+
+    /// Commits the offsets of a durable checkpoint. False when the commit failed (the next
+    /// checkpoint commits newer offsets).
+    fn commit(
+        &self,
+        consumer: &BaseConsumer<RunContext>,
+        offsets: &[(i32, i64)],
+        began: Instant,
+    ) -> bool {
+        let topic = &self.shared.pipeline.source.kafka.topic;
+        let mut list = TopicPartitionList::new();
+        for &(p, next_offset) in offsets {
+            if let Err(e) = list.add_partition_offset(topic, p, Offset::Offset(next_offset)) {
+                tracing::warn!("Cannot commit offset {next_offset} of partition {p} ({e}).");
+                return false;
+            }
+        }
         if list.count() > 0
             && let Err(e) = consumer.commit(&list, CommitMode::Sync)
         {
             tracing::warn!("Committing offsets failed ({e}); the next checkpoint commits them.");
-            return Ok(false);
+            return false;
         }
+        let name = self.shared.pipeline.name.clone();
         metrics::counter!(telemetry::CHECKPOINTS, "pipeline" => name).increment(1);
-        Ok(true)
+        tracing::debug!(
+            total_ms = began.elapsed().as_millis() as u64,
+            "Checkpoint durable and committed."
+        );
+        true
+    }
+}
+
+/// Checkpoint files being written by a background thread, and what to commit after.
+struct PendingCheckpoint {
+    writing: std::thread::JoinHandle<Result<(), CheckpointError>>,
+    offsets: Vec<(i32, i64)>,
+    began: Instant,
+}
+
+/// Waits until every queued output has been acknowledged and its delivery report handled by
+/// the producer's polling thread. (The client library's own flush polls in 100 ms steps that
+/// compete with that thread, which made every checkpoint pause for at least 100 ms.)
+fn wait_for_deliveries(producer: &Output, wait: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = producer.in_flight_count();
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{left} outputs not acknowledged after {}s",
+                wait.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -715,6 +821,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         positions: BTreeMap::new(),
         skip_below: BTreeMap::new(),
         last_checkpoint: Instant::now(),
+        pending: None,
         fatal: None,
         closing: false,
     }));
@@ -777,6 +884,9 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         match w.process(&batch) {
             Ok(n) => total += n,
             Err(e) => break Err(e),
+        }
+        if let Err(e) = w.finish_pending(&consumer, false) {
+            break Err(e);
         }
         if (w.last_checkpoint.elapsed() >= interval
             || w.parquet.as_ref().is_some_and(|p| p.log_is_full()))
