@@ -89,6 +89,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     pub stop: Arc<AtomicBool>,
     pub counters: Counters,
+    /// Readers waiting for the engine: the processing thread steps aside for them at once.
+    readers_waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -99,6 +101,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             stop,
             counters: Counters::default(),
+            readers_waiting: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -107,7 +110,14 @@ impl Shared {
     }
 
     pub fn engine_read(&self) -> RwLockReadGuard<'_, Engine> {
-        self.engine.read()
+        self.readers_waiting.fetch_add(1, Ordering::Relaxed);
+        let guard = self.engine.read();
+        self.readers_waiting.fetch_sub(1, Ordering::Relaxed);
+        guard
+    }
+
+    fn readers_waiting(&self) -> bool {
+        self.readers_waiting.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -434,9 +444,10 @@ impl Worker {
             let latency =
                 metrics::histogram!(telemetry::OUTPUT_LATENCY, "pipeline" => pipeline.name.clone());
             'batch: for (index, message) in batch.iter().enumerate() {
-                if index % LOCK_STRETCH == LOCK_STRETCH - 1 {
-                    // Let waiting look-ups in: they see the state between two events.
-                    RwLockWriteGuard::bump(&mut engine);
+                if shared.readers_waiting() {
+                    // A look-up is waiting: hand it the lock and the core now (it sees the
+                    // state between two events) rather than after this thread's time slice.
+                    RwLockWriteGuard::unlocked_fair(&mut engine, std::thread::yield_now);
                 }
                 let partition = message.partition();
                 if !self.positions.contains_key(&partition)
@@ -727,9 +738,6 @@ fn wait_for_deliveries(producer: &Output, wait: Duration) -> Result<(), String> 
         std::thread::sleep(Duration::from_millis(1));
     }
 }
-
-/// Events processed between chances for look-ups to read the state (about a millisecond).
-const LOCK_STRETCH: usize = 32;
 
 /// Index of a message within the current batch (dead letters are sent after the engine lock
 /// is released).
