@@ -457,7 +457,7 @@ impl Default for DistinctAcc {
         DistinctAcc::Small(Vec::new())
     }
 }
-fn value_hash(value: &Value<'_>) -> u64 {
+pub(crate) fn value_hash(value: &Value<'_>) -> u64 {
     let mut h = rustc_hash::FxHasher::default();
     match value {
         Value::Null => 0u8.hash(&mut h),

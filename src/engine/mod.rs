@@ -7,6 +7,7 @@
 //! State lives per input partition and can be snapshotted and restored partition by partition.
 
 pub mod agg;
+pub mod distinct;
 mod prefetch;
 pub mod sketch;
 pub mod state;
@@ -210,9 +211,12 @@ impl Engine {
 
         let slot = match part.entities.find(&event.entity) {
             Some(slot) => slot,
-            None => part
-                .entities
-                .insert(EntityState::new(&event.entity, time, features)),
+            None => part.entities.insert(EntityState::new(
+                &event.entity,
+                time,
+                features,
+                clock.close_windows,
+            )),
         };
         let Some(entity) = part.entities.get_mut(slot) else {
             return Outcome::Aggregated;

@@ -15,6 +15,7 @@ use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 
 use super::agg::*;
+use super::distinct::RecentDistinct;
 use super::window::{Panes, Sessions, floor_div};
 use crate::config::{Feature, Window};
 
@@ -202,12 +203,16 @@ pub enum FeatureState {
     Last(Slot<EdgeAcc<true>>),
     Distinct(Slot<DistinctAcc>),
     Sketch(Slot<SketchAcc>),
+    /// A distinct count over hopping windows with `emit: on_update` (see `distinct.rs`).
+    RecentDistinct(RecentDistinct),
 }
 
-/// Runs `$body` with `$slot` bound to the state's slot, whatever its accumulator type.
+/// Runs `$body` with `$slot` bound to the state's slot, whatever its accumulator type, or
+/// `$other` with `$recent` bound to a [`RecentDistinct`].
 macro_rules! with_slot {
-    ($state:expr, $slot:ident => $body:expr) => {
+    ($state:expr, $slot:ident => $body:expr, $recent:ident => $other:expr) => {
         match $state {
+            FeatureState::RecentDistinct($recent) => $other,
             FeatureState::Count($slot) => $body,
             FeatureState::SumInt($slot) => $body,
             FeatureState::SumFloat($slot) => $body,
@@ -223,9 +228,15 @@ macro_rules! with_slot {
 }
 
 impl FeatureState {
-    pub fn new(feature: &Feature) -> Self {
+    /// The empty state of `feature`; `close_windows` is whether closed windows are emitted.
+    pub fn new(feature: &Feature, close_windows: bool) -> Self {
         use crate::config::{Agg, ValueType};
         match feature.agg {
+            Agg::DistinctCount
+                if !close_windows && matches!(feature.window, Window::Hopping { .. }) =>
+            {
+                FeatureState::RecentDistinct(RecentDistinct::default())
+            }
             Agg::Count => FeatureState::Count(Slot::new(feature)),
             Agg::Sum if feature.value_type == ValueType::Int => {
                 FeatureState::SumInt(Slot::new(feature))
@@ -244,35 +255,58 @@ impl FeatureState {
     }
 
     pub fn set_as_of(&mut self, feature: &Feature, as_of: i64) {
-        with_slot!(self, slot => slot.set_as_of(feature, as_of))
+        with_slot!(self, slot => slot.set_as_of(feature, as_of), d => {
+            if let Window::Hopping { size_ms, step_ms, .. } = feature.window {
+                d.set_running_from(floor_div(as_of, step_ms) - size_ms / step_ms + 1);
+            }
+        })
     }
 
     pub fn add(&mut self, feature: &Feature, input: &Input<'_, '_>) {
-        with_slot!(self, slot => slot.add(feature, input))
+        with_slot!(self, slot => slot.add(feature, input), d => {
+            if let Window::Hopping { step_ms, .. } = feature.window {
+                d.add(floor_div(input.time, step_ms), input);
+            }
+        })
     }
 
     pub fn value(&self, feature: &Feature, watermark: i64) -> FeatureValue {
-        with_slot!(self, slot => slot.value(feature, watermark))
+        with_slot!(self, slot => slot.value(feature, watermark), d => {
+            FeatureValue::Int(i64::try_from(d.count()).unwrap_or(i64::MAX))
+        })
     }
 
     pub fn on_watermark(&mut self, feature: &Feature, clock: &Clock, closed: &mut Vec<Closed>) {
-        with_slot!(self, slot => slot.on_watermark(feature, clock, closed))
+        with_slot!(self, slot => slot.on_watermark(feature, clock, closed), d => {
+            if let Window::Hopping { size_ms, step_ms, .. } = feature.window {
+                // As for panes: future events are at or after the horizon.
+                let horizon = clock.watermark.saturating_sub(clock.lateness);
+                d.evict_below(floor_div(horizon, step_ms).saturating_sub(size_ms / step_ms - 1));
+            }
+        })
     }
 
     pub fn next_change(&self, feature: &Feature, clock: &Clock) -> Option<i64> {
-        with_slot!(self, slot => slot.next_change(feature, clock))
+        with_slot!(self, slot => slot.next_change(feature, clock), d => {
+            match feature.window {
+                Window::Hopping { size_ms, step_ms, .. } => d
+                    .oldest_running()
+                    .map(|q| (q + size_ms / step_ms).saturating_mul(step_ms)),
+                _ => None,
+            }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
-        with_slot!(self, slot => slot.is_empty())
+        with_slot!(self, slot => slot.is_empty(), d => d.is_empty())
     }
 
     pub fn heap_bytes(&self) -> usize {
-        with_slot!(self, slot => slot.heap_bytes())
+        with_slot!(self, slot => slot.heap_bytes(), d => d.heap_bytes())
     }
 
     pub fn prefetch(&self) {
-        with_slot!(self, slot => slot.prefetch())
+        with_slot!(self, slot => slot.prefetch(), d => d.prefetch())
     }
 }
 
@@ -304,13 +338,16 @@ fn never() -> i64 {
 }
 
 impl EntityState {
-    pub fn new(id: &str, time: i64, features: &[Feature]) -> Self {
+    pub fn new(id: &str, time: i64, features: &[Feature], close_windows: bool) -> Self {
         EntityState {
             id: CompactString::from(id),
             newest: time,
             as_of: time,
             emitted: 0,
-            features: features.iter().map(FeatureState::new).collect(),
+            features: features
+                .iter()
+                .map(|f| FeatureState::new(f, close_windows))
+                .collect(),
             due: NEVER,
             queued: NEVER,
         }

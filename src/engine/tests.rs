@@ -31,6 +31,8 @@ features:
   - { name: first_slide, agg: first, field: merchant, window: { sliding: 8s } }
   - { name: last_slide, agg: last, field: merchant, window: { sliding: 8s } }
   - { name: distinct_hop, agg: distinct_count, field: merchant, window: { hopping: 12s, step: 4s } }
+  - { name: distinct_slide, agg: distinct_count, field: merchant, window: { sliding: 7s } }
+  - { name: distinct_tumble, agg: distinct_count, field: amount, window: { tumbling: 5s } }
   - { name: declined, agg: count, where: 'status == "declined"', window: { sliding: 15s } }
   - { name: p90, agg: { percentile: 0.9 }, field: amount, window: { sliding: 20s } }
   - { name: sess_n, agg: count, window: { session: 4s } }
@@ -144,11 +146,21 @@ fn reference(feature: &Feature, events: &[(i64, u64, &Ev)]) -> FeatureValue {
             .copied()
             .reduce(f64::max)
             .map_or(FeatureValue::Null, FeatureValue::Float),
-        Agg::DistinctCount => {
+        Agg::DistinctCount if field_is_merchant => {
             let mut merchants: Vec<u8> = matching.iter().map(|(_, _, e)| e.merchant).collect();
             merchants.sort_unstable();
             merchants.dedup();
             FeatureValue::Int(merchants.len() as i64)
+        }
+        Agg::DistinctCount => {
+            // Nulls are not values; numerically equal floats are one value.
+            let mut values: Vec<u64> = amounts
+                .iter()
+                .map(|a| if *a == 0.0 { 0.0f64 } else { *a }.to_bits())
+                .collect();
+            values.sort_unstable();
+            values.dedup();
+            FeatureValue::Int(values.len() as i64)
         }
         Agg::First | Agg::Last => {
             let with_value: Vec<&&(i64, u64, &Ev)> = matching

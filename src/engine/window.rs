@@ -93,6 +93,25 @@ impl<A: Accumulator> Panes<A> {
         }
     }
 
+    /// Removes `part` (added earlier) from pane `pane`, and from the running total if the pane
+    /// is in it; a pane left empty is dropped. False if there is no such pane.
+    pub fn subtract_at(&mut self, pane: i64, part: &A) -> bool {
+        let Ok(i) = self.panes.binary_search_by_key(&pane, |(p, _)| *p) else {
+            return false;
+        };
+        let exact = self.panes[i].1.subtract(part);
+        if pane >= self.running_from && !self.running.subtract(part) {
+            self.rebuild();
+        }
+        if exact && self.panes[i].1.is_empty() {
+            self.panes.remove(i);
+            if i < self.running_pos {
+                self.running_pos -= 1;
+            }
+        }
+        exact
+    }
+
     /// Index in `panes` of the first pane with index `>= pane`.
     fn position(&self, pane: i64) -> usize {
         self.panes.partition_point(|(p, _)| *p < pane)
@@ -134,17 +153,24 @@ impl<A: Accumulator> Panes<A> {
         self.running = running;
     }
 
-    /// Drops panes below `pane` that are no longer part of the running total.
-    pub fn evict_below(&mut self, pane: i64) {
+    /// Drops panes below `pane` that are no longer part of the running total; returns the
+    /// index below which panes are gone.
+    pub fn evict_below(&mut self, pane: i64) -> i64 {
         let limit = pane.min(self.running_from);
         while self.panes.front().is_some_and(|(p, _)| *p < limit) {
             self.panes.pop_front();
             self.running_pos = self.running_pos.saturating_sub(1);
         }
+        limit
     }
 
     pub fn running(&self) -> &A {
         &self.running
+    }
+
+    /// The oldest pane held.
+    pub fn oldest(&self) -> Option<i64> {
+        self.panes.front().map(|(p, _)| *p)
     }
 
     /// The oldest pane in the running total.
