@@ -43,6 +43,14 @@ fn env(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The process's resident set size (Linux), to check the state estimate against the allocator.
+fn resident_bytes() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn main() {
     let events = env("BENCH_EVENTS", 3_000_000) as usize;
     let entities = env("BENCH_ENTITIES", 100_000) as usize;
@@ -77,6 +85,7 @@ fn main() {
     assert_eq!(ok, events);
 
     // Decode + aggregate: the measured path.
+    let rss_before = resident_bytes();
     let mut engine = Engine::new(Arc::clone(&pipeline));
     engine.assign(0, 0);
     let mut sink = CountingSink::default();
@@ -94,6 +103,9 @@ fn main() {
     }
     let total_secs = t.elapsed().as_secs_f64();
     let stats = engine.state_stats();
+    let rss_growth = resident_bytes()
+        .zip(rss_before)
+        .map(|(after, before)| after.saturating_sub(before));
 
     // A checkpoint serialises every partition's state while consumption waits.
     let t = Instant::now();
@@ -137,6 +149,13 @@ fn main() {
         stats.bytes,
         stats.bytes / stats.entities.max(1)
     );
+    if let Some(growth) = rss_growth {
+        println!(
+            "  process memory    resident set grew {} bytes while aggregating, {} per entity (allocator overhead included)",
+            growth,
+            growth / stats.entities.max(1)
+        );
+    }
     println!(
         "  snapshot          {} bytes serialised in {:.0} ms ({:.0} MB/s), restored in {:.0} ms",
         snapshot.len(),

@@ -492,7 +492,10 @@ impl DistinctAcc {
             DistinctAcc::Small(v) => {
                 match v.binary_search_by_key(&hash, |(h, _)| *h) {
                     Ok(i) => v[i].1 += count,
-                    Err(i) => v.insert(i, (hash, count)),
+                    Err(i) => {
+                        super::prefetch::reserve_one(v);
+                        v.insert(i, (hash, count))
+                    }
                 }
                 if v.len() > DISTINCT_MAP_AT {
                     *self = DistinctAcc::Large(v.iter().copied().collect());

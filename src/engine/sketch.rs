@@ -35,7 +35,10 @@ impl Buckets {
     fn add(&mut self, bucket: i32, count: u32) {
         match self.0.binary_search_by_key(&bucket, |(b, _)| *b) {
             Ok(i) => self.0[i].1 += count,
-            Err(i) => self.0.insert(i, (bucket, count)),
+            Err(i) => {
+                super::prefetch::reserve_one(&mut self.0);
+                self.0.insert(i, (bucket, count))
+            }
         }
     }
 

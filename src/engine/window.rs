@@ -82,6 +82,7 @@ impl<A: Accumulator> Panes<A> {
             Err(i) => {
                 let mut acc = A::default();
                 acc.add(input);
+                super::prefetch::reserve_one(&mut self.panes);
                 self.panes.insert(i, (pane, acc));
                 if pane < self.running_from {
                     self.running_pos += 1;
