@@ -6,7 +6,7 @@
 //! are counted, not serialised: this measures the engine, not an output format.
 //!
 //! Run: `cargo bench --bench engine` (env: BENCH_EVENTS, BENCH_ENTITIES, BENCH_RATE = events
-//! per second of event time, BENCH_SEED).
+//! per second of event time, BENCH_SEED; BENCH_WARM=0 turns off warming upcoming entities).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -91,14 +91,27 @@ fn main() {
     let mut sink = CountingSink::default();
     let mut late = 0usize;
     let t = Instant::now();
-    for p in &payloads {
-        match decoder.decode(p) {
-            Ok(event) => {
-                if let Outcome::Late { .. } = engine.process(0, &event, 0, &mut sink) {
-                    late += 1;
-                }
+    // Events are decoded a few ahead so that the engine can warm their state (as `replay` and
+    // `run` do).
+    let warm = env("BENCH_WARM", 1) == 1;
+    let mut upcoming = std::collections::VecDeque::with_capacity(4);
+    let mut inputs = payloads.iter();
+    loop {
+        while upcoming.len() < 4 {
+            let Some(p) = inputs.next() else { break };
+            match decoder.decode(p) {
+                Ok(event) => upcoming.push_back(event),
+                Err(e) => panic!("bench event rejected: {e}"),
             }
-            Err(e) => panic!("bench event rejected: {e}"),
+        }
+        let Some(event) = upcoming.pop_front() else {
+            break;
+        };
+        if warm {
+            engine.warm(0, upcoming.iter().map(|e| &*e.entity));
+        }
+        if let Outcome::Late { .. } = engine.process(0, &event, 0, &mut sink) {
+            late += 1;
         }
     }
     let total_secs = t.elapsed().as_secs_f64();

@@ -8,6 +8,7 @@
 
 pub mod agg;
 pub mod distinct;
+mod index;
 mod prefetch;
 pub mod sketch;
 pub mod state;
@@ -258,6 +259,27 @@ impl Engine {
             self.fire_timers(sink);
         }
         Outcome::Aggregated
+    }
+
+    /// A hint with no effect on results: starts loading what processing the next events will
+    /// touch. `upcoming` are the entity ids of the events after the one about to be processed,
+    /// nearest first; the state of the first is loaded, the index entry of the second's and
+    /// the index bucket of the third's, so that by the time each is processed every level of
+    /// its state arrived while earlier events were being worked on.
+    pub fn warm<'a>(&self, partition: u32, upcoming: impl IntoIterator<Item = &'a str>) {
+        let Some(part) = self.partitions.get(&partition) else {
+            return;
+        };
+        let mut upcoming = upcoming.into_iter();
+        if let Some(id) = upcoming.next() {
+            part.entities.warm_features(id);
+        }
+        if let Some(id) = upcoming.next() {
+            part.entities.warm_header(id);
+        }
+        if let Some(id) = upcoming.next() {
+            part.entities.warm_index(id);
+        }
     }
 
     /// Re-evaluates idleness with the current processing time; may advance the watermark.

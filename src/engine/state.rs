@@ -10,12 +10,12 @@ use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, Hasher};
 
 use compact_str::CompactString;
-use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 
 use super::agg::*;
 use super::distinct::RecentDistinct;
+use super::index::SlotIndex;
 use super::window::{Panes, Sessions, floor_div};
 use crate::config::{Feature, Window};
 
@@ -424,23 +424,52 @@ pub fn hash_values(values: &[FeatureValue]) -> u64 {
 pub struct EntityStore {
     slots: Vec<Option<EntityState>>,
     free: Vec<u32>,
-    index: HashTable<u32>,
+    index: SlotIndex,
     live: usize,
 }
 
 fn id_hash(id: &str) -> u64 {
-    FxBuildHasher.hash_one(id)
+    // FxHash is fast on short ids; a final mix spreads its bits over both the bucket (low
+    // bits) and the tag (high bits) of the index.
+    let mut z = FxBuildHasher.hash_one(id);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl EntityStore {
     pub fn find(&self, id: &str) -> Option<u32> {
-        self.index
-            .find(id_hash(id), |&i| {
-                self.slots[i as usize]
-                    .as_ref()
-                    .is_some_and(|e| &*e.id == id)
-            })
-            .copied()
+        self.index.find(id_hash(id), |i| {
+            self.slots
+                .get(i as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|e| &*e.id == id)
+        })
+    }
+
+    /// Starts loading the index bucket `id` will be looked up in.
+    pub fn warm_index(&self, id: &str) {
+        if let Some(bucket) = self.index.bucket_address(id_hash(id)) {
+            super::prefetch::prefetch(bucket);
+        }
+    }
+
+    /// Starts loading the state header of the entity `id` probably is (index already loaded).
+    pub fn warm_header(&self, id: &str) {
+        if let Some(slot) = self.index.probable_slot(id_hash(id)) {
+            self.prefetch_slot(slot);
+        }
+    }
+
+    /// Starts loading the feature array of the entity `id` probably is (header loaded).
+    pub fn warm_features(&self, id: &str) {
+        if let Some(entity) = self
+            .index
+            .probable_slot(id_hash(id))
+            .and_then(|slot| self.get(slot))
+        {
+            entity.prefetch_features();
+        }
     }
 
     pub fn insert(&mut self, state: EntityState) -> u32 {
@@ -456,8 +485,11 @@ impl EntityStore {
             }
         };
         let slots = &self.slots;
-        self.index.insert_unique(hash, slot, |&i| {
-            slots[i as usize].as_ref().map_or(0, |e| id_hash(&e.id))
+        self.index.insert(hash, slot, |i| {
+            slots
+                .get(i as usize)
+                .and_then(Option::as_ref)
+                .map_or(0, |e| id_hash(&e.id))
         });
         self.live += 1;
         slot
@@ -465,10 +497,7 @@ impl EntityStore {
 
     pub fn remove(&mut self, slot: u32) -> Option<EntityState> {
         let state = self.slots.get_mut(slot as usize)?.take()?;
-        let hash = id_hash(&state.id);
-        if let Ok(entry) = self.index.find_entry(hash, |&i| i == slot) {
-            entry.remove();
-        }
+        self.index.remove(id_hash(&state.id), slot);
         self.free.push(slot);
         self.live -= 1;
         Some(state)
@@ -506,7 +535,7 @@ impl EntityStore {
 
     pub fn bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<Option<EntityState>>()
-            + self.index.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self.index.heap_bytes()
             + self
                 .iter()
                 .map(|(_, e)| e.bytes() - std::mem::size_of::<EntityState>())
@@ -600,14 +629,17 @@ impl PartitionState {
         let mut store = EntityStore {
             slots: snapshot.slots,
             free: snapshot.free,
-            index: HashTable::new(),
+            index: SlotIndex::default(),
             live: 0,
         };
         for (i, slot) in store.slots.iter().enumerate() {
             if let Some(e) = slot {
                 let slots = &store.slots;
-                store.index.insert_unique(id_hash(&e.id), i as u32, |&j| {
-                    slots[j as usize].as_ref().map_or(0, |e| id_hash(&e.id))
+                store.index.insert(id_hash(&e.id), i as u32, |j| {
+                    slots
+                        .get(j as usize)
+                        .and_then(Option::as_ref)
+                        .map_or(0, |e| id_hash(&e.id))
                 });
                 store.live += 1;
             }
