@@ -6,6 +6,9 @@
 #   scripts/kafka.sh up        download on first use (cached), start both, wait until ready
 #   scripts/kafka.sh down      stop both (SIGTERM, then SIGKILL after a bound)
 #   scripts/kafka.sh status    exit 0 if everything wanted is up, 1 otherwise
+#   scripts/kafka.sh bounce [SECONDS]
+#                              stop the broker, keep it down SECONDS [10], start it again on the
+#                              same storage and wait until it is ready (an outage, for tests)
 #   scripts/kafka.sh env       print the export lines the tests read:
 #                                eval "$(scripts/kafka.sh env)"
 #   scripts/kafka.sh tool MAIN_CLASS [ARGS...]
@@ -100,8 +103,14 @@ start_detached() { # $1 = name, $2 = log file, $3 = working dir, rest = command
 }
 
 stop_all() {
+  stop_services registry kafka
+  rm -f "$RUN_DIR/kafka.pid" "$RUN_DIR/registry.pid"
+  say "stopped"
+}
+
+stop_services() { # names: SIGTERM, then SIGKILL after STOP_TIMEOUT
   local pids=() name pid waited=0
-  for name in registry kafka; do
+  for name in "$@"; do
     for pid in $(service_pids "$name"); do
       say "stopping $name (pid $pid)"
       kill -TERM "$pid" 2>/dev/null || true
@@ -124,8 +133,6 @@ stop_all() {
     fi
     sleep 0.1; waited=$((waited + 1))
   done
-  rm -f "$RUN_DIR/kafka.pid" "$RUN_DIR/registry.pid"
-  say "stopped"
 }
 
 # ---------------------------------------------------------------- assembly
@@ -426,6 +433,13 @@ cmd_up() {
     err "storage format failed"; tail_log format "$RUN_DIR/format.log"; stop_all >/dev/null; exit 1
   fi
 
+  start_kafka
+  say "waiting for readiness (timeout ${START_TIMEOUT}s)..."
+  wait_ready
+  say "up in $((SECONDS - T0))s; for tests: eval \"\$(scripts/kafka.sh env)\""
+}
+
+start_kafka() {
   say "starting kafka $KAFKA_VERSION (log: $RUN_DIR/logs/server.log)"
   # shellcheck disable=SC2086,SC2046
   start_detached kafka "$RUN_DIR/kafka.out" "$RUN_DIR" \
@@ -434,10 +448,30 @@ cmd_up() {
     "$(service_tag kafka)" \
     -Dkafka.logs.dir="$RUN_DIR/logs" -Dlog4j2.configurationFile="$RUN_DIR/log4j2.properties" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$RUN_DIR/server.properties"
+}
 
-  say "waiting for readiness (timeout ${START_TIMEOUT}s)..."
-  wait_ready
-  say "up in $((SECONDS - T0))s; for tests: eval \"\$(scripts/kafka.sh env)\""
+cmd_bounce() {
+  local pause=${1:-10} starts deadline
+  [[ "$pause" =~ ^[0-9]+$ ]] || { err "usage: kafka.sh bounce [SECONDS]"; exit 2; }
+  T0=$SECONDS
+  lock
+  kafka_up || { err "kafka is not running: nothing to bounce"; exit 1; }
+  starts=$(grep -c 'Kafka Server started' "$RUN_DIR/logs/server.log" 2>/dev/null || true)
+  say "stopping kafka for ${pause}s (its storage is kept)"
+  stop_services kafka
+  rm -f "$RUN_DIR/kafka.pid"
+  sleep "$pause"
+  start_kafka
+  deadline=$((SECONDS + START_TIMEOUT))
+  until (( $(grep -c 'Kafka Server started' "$RUN_DIR/logs/server.log" 2>/dev/null || true) > starts )) &&
+      port_open "$KAFKA_PORT"; do
+    if [[ -z "$(service_pids kafka)" ]]; then
+      err "kafka exited during restart"; tail_log kafka "$RUN_DIR/logs/server.log"; exit 1
+    fi
+    (( SECONDS < deadline )) || { err "kafka not ready ${START_TIMEOUT}s after restart"; exit 1; }
+    sleep 0.2
+  done
+  say "kafka is back on 127.0.0.1:$KAFKA_PORT after $((SECONDS - T0))s"
 }
 
 cmd_down() {
@@ -493,6 +527,7 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
+  bounce) shift; cmd_bounce "$@" ;;
   env) cmd_env ;;
   tool) shift; cmd_tool "$@" ;;
   -h|--help|help) usage ;;

@@ -47,6 +47,11 @@ impl ClientContext for LoggingContext {
 impl rdkafka::consumer::ConsumerContext for LoggingContext {}
 
 pub fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    // A refused or dropped connection is retried by the client: a warning, not an error.
+    if facility == "FAIL" {
+        tracing::warn!(facility, "librdkafka: {message}");
+        return;
+    }
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -62,9 +67,26 @@ pub fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) {
     }
 }
 
+/// Set while no broker is reachable, so that the service can say when they are back.
+static BROKERS_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// True once after an outage reported by [`log_error`]: the caller just heard from Kafka again.
+pub fn brokers_back() -> bool {
+    BROKERS_DOWN.swap(false, Ordering::Relaxed)
+}
+
+/// Whether an error is a lost or refused connection, which the client retries by itself.
+pub fn is_transient_transport(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
+    )
+}
+
 pub fn log_error(error: &KafkaError, reason: &str) {
     match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::AllBrokersDown) => {
+            BROKERS_DOWN.store(true, Ordering::Relaxed);
             tracing::warn!("No Kafka broker is reachable; retrying until one is ({reason}).")
         }
         Some(RDKafkaErrorCode::BrokerTransportFailure) => {

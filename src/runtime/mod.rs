@@ -712,6 +712,14 @@ impl Worker {
     }
 }
 
+/// A consumer error: lost connections are already reported by the client's error callback
+/// (and retried); anything else is logged here.
+fn log_poll_error(error: &KafkaError) {
+    if !crate::connectors::kafka::is_transient_transport(error) {
+        log_error(error, "while consuming");
+    }
+}
+
 /// Checkpoint files being written by a background thread, and what to commit after.
 struct PendingCheckpoint {
     writing: std::thread::JoinHandle<Result<(), CheckpointError>>,
@@ -875,15 +883,18 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         batch.clear();
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => batch.push(m),
-            Some(Err(e)) => log_error(&e, "while consuming"),
+            Some(Err(e)) => log_poll_error(&e),
             None => {}
         }
         while batch.len() < 2048 && !batch.is_empty() {
             match consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => log_error(&e, "while consuming"),
+                Some(Err(e)) => log_poll_error(&e),
                 None => break,
             }
+        }
+        if !batch.is_empty() && crate::connectors::kafka::brokers_back() {
+            tracing::info!("Kafka is reachable again; consuming.");
         }
         let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = w.fatal.take() {

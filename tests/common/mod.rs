@@ -2,7 +2,7 @@
 //! A test that needs them and finds none fails with a message saying how to start them.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use serde_json::Value;
 
 pub fn brokers() -> String {
     std::env::var("FEATURESTREAM_KAFKA").unwrap_or_else(|_| {
@@ -271,4 +272,144 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+// The pipeline, events and checks shared by the tests that run the service.
+
+pub const CARDS: usize = 40;
+pub const T0: i64 = 1_772_323_200_000; // 2026-03-01T00:00:00Z
+
+pub fn pipeline_text(
+    name: &str,
+    input: &str,
+    output: &str,
+    dlq: &str,
+    dir: &Path,
+    format: &str,
+    sink_format: &str,
+) -> String {
+    let registry = std::env::var("FEATURESTREAM_SCHEMA_REGISTRY").unwrap_or_default();
+    format!(
+        r#"
+name: {name}
+source:
+  kafka: {{ brokers: "{brokers}", topic: {input}, group_id: {group} }}
+  format: {format}
+  schema_registry: "{registry}"
+  schema: {{ card_id: string, merchant_id: string, amount: float, status: string, ts: timestamp }}
+  entity: card_id
+  event_time: ts
+  # 5001 ms keeps the watermark off the whole seconds that events use.
+  watermark: {{ max_out_of_order: 5001ms, idle_timeout: 10m }}
+  allowed_lateness: 10s
+  on_late: dlq
+features:
+  - {{ name: n_10m, agg: count, window: {{ sliding: 10m }} }}
+  - {{ name: sum_1h, agg: sum, field: amount, window: {{ hopping: 1h, step: 5m }} }}
+  - {{ name: declined_1h, agg: count, where: 'status == "declined"', window: {{ sliding: 1h }} }}
+  - {{ name: merchants_1d, agg: distinct_count, field: merchant_id, window: {{ tumbling: 1d }} }}
+  - {{ name: total, agg: count, window: lifetime }}
+sinks:
+  kafka: {{ topic: {output}, format: {sink_format}, emit: on_update }}
+  parquet: {{ path: "{parquet}", snapshot_every: 1s }}
+dead_letter: {{ topic: {dlq} }}
+state: {{ entity_ttl: never, dir: "{state}", checkpoint_every: 1s }}
+"#,
+        brokers = brokers(),
+        group = unique("group"),
+        parquet = dir.join("parquet").display(),
+        state = dir.join("state").display(),
+    )
+}
+
+/// `count` events in time order (whole seconds), cycling over cards; partition = card % 3.
+pub fn events(count: usize, first_second: i64) -> Vec<(i32, String, Vec<u8>)> {
+    (0..count)
+        .map(|i| {
+            let card = (i * 7 + i / 3) % CARDS;
+            let ts = T0 + (first_second + i as i64) * 1000;
+            let status = if i % 11 == 0 { "declined" } else { "approved" };
+            let payload = format!(
+                r#"{{"card_id":"card_{card:03}","merchant_id":"m_{}","amount":{}.25,"status":"{status}","ts":{ts}}}"#,
+                i % 13,
+                (i % 50) + 1
+            );
+            ((card % 3) as i32, format!("card_{card:03}"), payload.into_bytes())
+        })
+        .collect()
+}
+
+pub fn parse(records: &[Consumed]) -> Vec<Value> {
+    records
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).expect("output is JSON"))
+        .collect()
+}
+
+/// Records an event caused directly (as_of equals one of the entity's event times).
+pub fn event_records(
+    records: &[Value],
+    input: &[(i32, String, Vec<u8>)],
+) -> BTreeMap<(String, String), Vec<Value>> {
+    let mut times: BTreeSet<(String, String)> = BTreeSet::new();
+    for (_, key, payload) in input {
+        let v: Value = serde_json::from_slice(payload).unwrap();
+        let ts = featurestream::decode::time::format_rfc3339_ms(v["ts"].as_i64().unwrap());
+        times.insert((key.clone(), ts));
+    }
+    let mut out: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for r in records {
+        let k = (
+            r["entity"].as_str().unwrap().to_string(),
+            r["as_of"].as_str().unwrap().to_string(),
+        );
+        if times.contains(&k) {
+            out.entry(k).or_default().push(r["features"].clone());
+        }
+    }
+    out
+}
+
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+pub fn python() -> String {
+    std::env::var("FEATURESTREAM_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A test's own topics (input, output, dead letters), folder and pipeline file.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub input: String,
+    pub output: String,
+    pub dlq: String,
+    pub pipeline: std::path::PathBuf,
+}
+
+/// Creates fresh topics (the input and output with `partitions`) and writes the pipeline.
+pub fn setup(name: &str, partitions: i32, format: &str, sink_format: &str) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output, dlq) = (unique(name), unique("features"), unique("dlq"));
+    create_topics(&[(&input, partitions), (&output, partitions), (&dlq, 1)]);
+    let text = pipeline_text(
+        &format!("it_{name}"),
+        &input,
+        &output,
+        &dlq,
+        dir.path(),
+        format,
+        sink_format,
+    );
+    let pipeline = write_pipeline(dir.path(), &text);
+    Setup {
+        dir,
+        input,
+        output,
+        dlq,
+        pipeline,
+    }
 }

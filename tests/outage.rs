@@ -1,0 +1,91 @@
+//! A broker outage in the middle of a stream: `featurestream run` keeps retrying while Kafka is
+//! down, resumes when it is back, and no input event is missing from the output.
+//!
+//! In its own test binary because it stops the shared broker: cargo runs test binaries one
+//! after another, so no other test sees the outage.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn broker_outage_midstream_loses_nothing() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("outage", 3, "json", "json");
+    // Enough input that the service is still consuming when the broker goes away.
+    let before = events(150_000, 0);
+    produce(&input, &before);
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let service = Service::start(
+        &pipeline,
+        &["--http", &http],
+        dir.path().join("service.log"),
+    );
+    wait_until(Duration::from_secs(120), "some events consumed", || {
+        metric(
+            &http_get(&format!("http://{http}/metrics")).1,
+            "featurestream_events_consumed_total",
+        ) >= 2000
+    });
+
+    let consumed_at_outage = metric(
+        &http_get(&format!("http://{http}/metrics")).1,
+        "featurestream_events_consumed_total",
+    );
+    // Ten seconds without a broker, then the same broker (same storage) back.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka.sh");
+    let bounce = Command::new(script)
+        .args(["bounce", "10"])
+        .output()
+        .expect("run scripts/kafka.sh bounce");
+    assert!(
+        bounce.status.success(),
+        "kafka.sh bounce failed:\n{}{}",
+        String::from_utf8_lossy(&bounce.stdout),
+        String::from_utf8_lossy(&bounce.stderr)
+    );
+    let (code, _) = http_get(&format!("http://{http}/healthz"));
+    assert_eq!(code, 200, "the service is still alive after the outage");
+
+    // Events produced after the outage are picked up too.
+    let after = events(5_000, 150_000);
+    produce(&input, &after);
+    let all: Vec<_> = before.iter().chain(&after).cloned().collect();
+    wait_until(
+        Duration::from_secs(180),
+        "every event's record on the output topic after the outage",
+        || {
+            let out = consume_all(&output, None, Duration::from_secs(2));
+            event_records(&parse(&out), &all).len() == all.len()
+        },
+    );
+    let (status, log) = service.terminate();
+    assert!(status.success(), "clean exit after the outage:\n{log}");
+    assert!(
+        consumed_at_outage < before.len() as u64,
+        "the outage began mid-stream ({consumed_at_outage} of {} consumed)",
+        before.len()
+    );
+    assert!(
+        log.contains("No Kafka broker is reachable") && log.contains("Kafka is reachable again"),
+        "the outage and the recovery are both in the log:\n{log}"
+    );
+    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    let own = event_records(&streamed, &all);
+    assert_eq!(own.len(), all.len(), "no input event is missing:\n{log}");
+    for (key, copies) in &own {
+        assert!(
+            copies.windows(2).all(|w| w[0] == w[1]),
+            "duplicates of {key:?} differ: {copies:?}"
+        );
+    }
+}
