@@ -33,52 +33,8 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
     });
 
     // Replay the same events (same per-entity order) and compare every event's own record.
-    let jsonl = dir.path().join("events.jsonl");
-    let lines: Vec<String> = batch
-        .iter()
-        .map(|(_, _, p)| String::from_utf8(p.clone()).unwrap())
-        .collect();
-    std::fs::write(&jsonl, lines.join("\n")).unwrap();
-    let replay_dir = dir.path().join("replay");
-    let status = std::process::Command::new(binary())
-        .args([
-            "replay",
-            pipeline.to_str().unwrap(),
-            "--input",
-            jsonl.to_str().unwrap(),
-            "--output",
-            replay_dir.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    let replayed: Vec<Value> = std::fs::read_to_string(replay_dir.join("features.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
-    let (from_stream, from_replay) = (
-        event_records(&streamed, &batch),
-        event_records(&replayed, &batch),
-    );
-    assert_eq!(from_replay.len(), 3000, "replay has one record per event");
-    assert_eq!(
-        from_stream.keys().collect::<Vec<_>>(),
-        from_replay.keys().collect::<Vec<_>>(),
-        "an event record is missing"
-    );
-    for (key, values) in &from_stream {
-        assert!(
-            values.iter().all(|v| *v == from_replay[key][0]),
-            "{key:?}: stream {values:?} vs replay {:?}",
-            from_replay[key]
-        );
-    }
+    assert_matches_replay(dir.path(), &pipeline, &batch, &streamed);
     assert!(streamed.len() >= 3000);
 
     // Look-ups equal the newest record of each entity on the output topic.
@@ -526,4 +482,136 @@ fn avro_in_and_out_through_the_registry() {
     assert_eq!(last_c1["features"]["total"], 10, "{last_c1}");
     assert_eq!(last_c1["_key"], "c1");
     assert_eq!(last_c1["pipeline"], "it_avro");
+}
+
+/// Every input event's own record in `streamed` equals the record `replay` computes for the
+/// same events (duplicates included: at-least-once may repeat a record, never change it).
+fn assert_matches_replay(
+    dir: &std::path::Path,
+    pipeline: &std::path::Path,
+    batch: &[(i32, String, Vec<u8>)],
+    streamed: &[Value],
+) {
+    let jsonl = dir.join("events.jsonl");
+    let lines: Vec<String> = batch
+        .iter()
+        .map(|(_, _, p)| String::from_utf8(p.clone()).unwrap())
+        .collect();
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let replay_dir = dir.join("replay");
+    let status = std::process::Command::new(binary())
+        .args([
+            "replay",
+            pipeline.to_str().unwrap(),
+            "--input",
+            jsonl.to_str().unwrap(),
+            "--output",
+            replay_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let replayed: Vec<Value> = std::fs::read_to_string(replay_dir.join("features.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let (from_stream, from_replay) = (
+        event_records(streamed, batch),
+        event_records(&replayed, batch),
+    );
+    assert_eq!(
+        from_replay.len(),
+        batch.len(),
+        "replay has one record per event"
+    );
+    assert_eq!(
+        from_stream.keys().collect::<Vec<_>>(),
+        from_replay.keys().collect::<Vec<_>>(),
+        "an event record is missing"
+    );
+    for (key, values) in &from_stream {
+        assert!(
+            values.iter().all(|v| *v == from_replay[key][0]),
+            "{key:?}: stream {values:?} vs replay {:?}",
+            from_replay[key]
+        );
+    }
+}
+
+#[test]
+fn partitions_move_to_a_second_instance_with_their_state() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("move", 3, "json", "json");
+    let first_batch = events(12_000, 0);
+    produce(&input, &first_batch);
+    let (http_a, http_b) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let a = Service::start(&pipeline, &["--http", &http_a], dir.path().join("a.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the first instance consuming",
+        || {
+            metric(
+                &http_get(&format!("http://{http_a}/metrics")).1,
+                "featurestream_events_consumed_total",
+            ) >= 1000
+        },
+    );
+
+    // A second member of the same group (same pipeline, same state folder): the group moves
+    // some partitions to it, and their state must follow.
+    let b = Service::start(&pipeline, &["--http", &http_b], dir.path().join("b.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the second instance owning partitions",
+        || http_get(&format!("http://{http_b}/readyz")).0 == 200,
+    );
+    // Events after the move continue every card's history on whichever instance owns it now.
+    let second_batch = events(6_000, 12_000);
+    produce(&input, &second_batch);
+    let all: Vec<_> = first_batch.iter().chain(&second_batch).cloned().collect();
+    wait_until(
+        Duration::from_secs(180),
+        "every event's record on the output topic",
+        || {
+            let out = consume_all(&output, None, Duration::from_secs(2));
+            event_records(&parse(&out), &all).len() == all.len()
+        },
+    );
+    let consumed_by_b = metric(
+        &http_get(&format!("http://{http_b}/metrics")).1,
+        "featurestream_events_consumed_total",
+    );
+    let (status_a, log_a) = a.terminate();
+    let (status_b, log_b) = b.terminate();
+    assert!(status_a.success(), "{log_a}");
+    assert!(status_b.success(), "{log_b}");
+    assert!(
+        log_a.contains("Partitions revoked"),
+        "the first instance handed partitions over:\n{log_a}"
+    );
+    assert!(
+        log_b.contains("Restored partition state from its checkpoint"),
+        "the second instance restored what it took over:\n{log_b}"
+    );
+    assert!(
+        consumed_by_b > 0,
+        "the second instance processed events after the move"
+    );
+    // Lifetime counts and windows after the move equal a single replay of all events: the
+    // state moved with its partitions.
+    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    assert_matches_replay(dir.path(), &pipeline, &all, &streamed);
 }
