@@ -72,7 +72,45 @@ pub struct Input<'v, 'a> {
     pub seq: u64,
 }
 
-pub trait Accumulator: Clone + Default + Serialize + for<'de> Deserialize<'de> {
+/// What one pane of a window keeps. Most aggregations keep their whole accumulator per pane;
+/// sums and moments keep plain sums (a pane holds few events), and the window's running total
+/// keeps the compensated ones.
+pub trait Part: std::fmt::Debug + Clone + Default + Serialize + for<'de> Deserialize<'de> {
+    fn add(&mut self, input: &Input<'_, '_>);
+    fn is_empty(&self) -> bool;
+    fn heap_bytes(&self) -> usize {
+        0
+    }
+}
+
+/// An accumulator is its own pane part.
+macro_rules! whole_panes {
+    ($($t:ty),* $(,)?) => {
+        $(
+            impl Part for $t {
+                fn add(&mut self, input: &Input<'_, '_>) {
+                    Accumulator::add(self, input)
+                }
+                fn is_empty(&self) -> bool {
+                    Accumulator::is_empty(self)
+                }
+                fn heap_bytes(&self) -> usize {
+                    Accumulator::heap_bytes(self)
+                }
+            }
+        )*
+    };
+}
+
+pub trait Accumulator:
+    std::fmt::Debug + Clone + Default + Serialize + for<'de> Deserialize<'de>
+{
+    /// What a window's pane keeps for this aggregation.
+    type Part: Part;
+    /// Adds a pane's part into this total.
+    fn merge_part(&mut self, part: &Self::Part);
+    /// Removes a pane's part merged in earlier; false when the caller must rebuild.
+    fn subtract_part(&mut self, part: &Self::Part) -> bool;
     fn add(&mut self, input: &Input<'_, '_>);
     fn merge(&mut self, other: &Self);
     /// Removes `other`, which was merged in earlier; false when this aggregate cannot and the
@@ -91,6 +129,13 @@ pub trait Accumulator: Clone + Default + Serialize + for<'de> Deserialize<'de> {
 pub struct CountAcc(pub u64);
 
 impl Accumulator for CountAcc {
+    type Part = Self;
+    fn merge_part(&mut self, part: &Self) {
+        self.merge(part);
+    }
+    fn subtract_part(&mut self, part: &Self) -> bool {
+        self.subtract(part)
+    }
     fn add(&mut self, _: &Input<'_, '_>) {
         self.0 += 1;
     }
@@ -116,6 +161,13 @@ pub struct SumIntAcc {
 }
 
 impl Accumulator for SumIntAcc {
+    type Part = Self;
+    fn merge_part(&mut self, part: &Self) {
+        self.merge(part);
+    }
+    fn subtract_part(&mut self, part: &Self) -> bool {
+        self.subtract(part)
+    }
     fn add(&mut self, input: &Input<'_, '_>) {
         if let Value::Int(i) = input.value {
             self.sum += i128::from(*i);
@@ -171,6 +223,48 @@ impl CompensatedSum {
     }
 }
 
+whole_panes!(CountAcc, SumIntAcc, DistinctAcc, SketchAcc);
+
+impl<const MAX: bool> Part for ExtremeAcc<MAX> {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        Accumulator::add(self, input)
+    }
+    fn is_empty(&self) -> bool {
+        Accumulator::is_empty(self)
+    }
+}
+
+impl<const LAST: bool> Part for EdgeAcc<LAST> {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        Accumulator::add(self, input)
+    }
+    fn is_empty(&self) -> bool {
+        Accumulator::is_empty(self)
+    }
+    fn heap_bytes(&self) -> usize {
+        Accumulator::heap_bytes(self)
+    }
+}
+
+/// A pane of a float sum: the plain sum of its values and their count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SumFloatPart {
+    sum: f64,
+    n: u64,
+}
+
+impl Part for SumFloatPart {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        if let Some(x) = input.value.as_f64() {
+            self.sum += x;
+            self.n += 1;
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct SumFloatAcc {
     sum: CompensatedSum,
@@ -178,6 +272,20 @@ pub struct SumFloatAcc {
 }
 
 impl Accumulator for SumFloatAcc {
+    type Part = SumFloatPart;
+    fn merge_part(&mut self, part: &SumFloatPart) {
+        self.sum.add(part.sum);
+        self.n += part.n;
+    }
+    fn subtract_part(&mut self, part: &SumFloatPart) -> bool {
+        self.n = self.n.saturating_sub(part.n);
+        if self.n == 0 {
+            *self = Self::default();
+        } else {
+            self.sum.add(-part.sum);
+        }
+        true
+    }
     fn add(&mut self, input: &Input<'_, '_>) {
         if let Some(x) = input.value.as_f64() {
             self.sum.add(x);
@@ -219,6 +327,47 @@ pub struct MomentsAcc {
     s2: CompensatedSum,
 }
 
+/// A pane of a moments window: count and plain sums of `x - shift` around the pane's first
+/// value (32 bytes, against 48 for the compensated accumulator).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MomentsPart {
+    n: u64,
+    shift: f64,
+    s1: f64,
+    s2: f64,
+}
+
+impl Part for MomentsPart {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        let Some(x) = input.value.as_f64() else {
+            return;
+        };
+        if self.n == 0 {
+            self.shift = x;
+        }
+        let d = x - self.shift;
+        self.s1 += d;
+        self.s2 += d * d;
+        self.n += 1;
+    }
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+impl MomentsPart {
+    fn as_acc(&self) -> MomentsAcc {
+        let mut acc = MomentsAcc {
+            n: self.n,
+            shift: self.shift,
+            ..Default::default()
+        };
+        acc.s1.add(self.s1);
+        acc.s2.add(self.s2);
+        acc
+    }
+}
+
 impl MomentsAcc {
     /// `other`'s sums re-expressed around `self.shift`.
     fn rebased(&self, other: &MomentsAcc) -> (CompensatedSum, CompensatedSum) {
@@ -244,6 +393,13 @@ impl MomentsAcc {
 }
 
 impl Accumulator for MomentsAcc {
+    type Part = MomentsPart;
+    fn merge_part(&mut self, part: &MomentsPart) {
+        self.merge(&part.as_acc());
+    }
+    fn subtract_part(&mut self, part: &MomentsPart) -> bool {
+        self.subtract(&part.as_acc())
+    }
     fn add(&mut self, input: &Input<'_, '_>) {
         let Some(x) = input.value.as_f64() else {
             return;
@@ -358,6 +514,13 @@ impl<const MAX: bool> ExtremeAcc<MAX> {
 }
 
 impl<const MAX: bool> Accumulator for ExtremeAcc<MAX> {
+    type Part = Self;
+    fn merge_part(&mut self, part: &Self) {
+        self.merge(part);
+    }
+    fn subtract_part(&mut self, part: &Self) -> bool {
+        self.subtract(part)
+    }
     fn add(&mut self, input: &Input<'_, '_>) {
         if let Some(n) = Num::of(input.value) {
             self.offer(n);
@@ -406,6 +569,13 @@ impl<const LAST: bool> EdgeAcc<LAST> {
 }
 
 impl<const LAST: bool> Accumulator for EdgeAcc<LAST> {
+    type Part = Self;
+    fn merge_part(&mut self, part: &Self) {
+        self.merge(part);
+    }
+    fn subtract_part(&mut self, part: &Self) -> bool {
+        self.subtract(part)
+    }
     fn add(&mut self, input: &Input<'_, '_>) {
         let key = (input.time, input.seq);
         match &self.best {
@@ -547,6 +717,13 @@ impl DistinctAcc {
 }
 
 impl Accumulator for DistinctAcc {
+    type Part = Self;
+    fn merge_part(&mut self, part: &Self) {
+        self.merge(part);
+    }
+    fn subtract_part(&mut self, part: &Self) -> bool {
+        self.subtract(part)
+    }
     fn add(&mut self, input: &Input<'_, '_>) {
         self.add_hash(value_hash(input.value), 1);
     }
@@ -590,6 +767,13 @@ impl Accumulator for DistinctAcc {
 pub struct SketchAcc(Sketch);
 
 impl Accumulator for SketchAcc {
+    type Part = Self;
+    fn merge_part(&mut self, part: &Self) {
+        self.merge(part);
+    }
+    fn subtract_part(&mut self, part: &Self) -> bool {
+        self.subtract(part)
+    }
     fn add(&mut self, input: &Input<'_, '_>) {
         if let Some(x) = input.value.as_f64() {
             self.0.add(x);

@@ -21,7 +21,8 @@ use crate::config::{Feature, Window};
 
 /// The window state of one feature, for one accumulator type.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Slot<A> {
+#[serde(bound = "")]
+pub enum Slot<A: Accumulator> {
     Panes(Panes<A>),
     Sessions(Sessions<A>),
     Lifetime(A),

@@ -651,5 +651,9 @@ fn large_snapshot_round_trips() {
     }
     assert_eq!(restored.snapshot_partition(0).expect("encodes"), bytes);
     // A damaged snapshot is an error, not a panic.
-    assert!(restored.restore_partition(1, &bytes[..bytes.len() / 2], 0).is_err());
+    assert!(
+        restored
+            .restore_partition(1, &bytes[..bytes.len() / 2], 0)
+            .is_err()
+    );
 }

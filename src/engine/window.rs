@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::agg::{Accumulator, Input};
+use super::agg::{Accumulator, CountAcc, Input, Part};
 
 /// Floor division for pane and window arithmetic on possibly negative times.
 pub fn floor_div(a: i64, b: i64) -> i64 {
@@ -18,10 +18,10 @@ pub fn floor_div(a: i64, b: i64) -> i64 {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(from = "StoredPanes<A>")]
-pub struct Panes<A> {
+#[serde(from = "StoredPanes<A>", bound = "")]
+pub struct Panes<A: Accumulator> {
     /// Sorted by pane index; each pane holds at least one event.
-    panes: VecDeque<(i64, A)>,
+    panes: VecDeque<(i64, A::Part)>,
     /// The merge of every pane with index `>= running_from`.
     running: A,
     running_from: i64,
@@ -35,14 +35,15 @@ pub struct Panes<A> {
 
 /// The stored form of [`Panes`]: the same fields without the derived position.
 #[derive(Deserialize)]
-struct StoredPanes<A> {
-    panes: VecDeque<(i64, A)>,
+#[serde(bound = "")]
+struct StoredPanes<A: Accumulator> {
+    panes: VecDeque<(i64, A::Part)>,
     running: A,
     running_from: i64,
     closed_before: i64,
 }
 
-impl<A> From<StoredPanes<A>> for Panes<A> {
+impl<A: Accumulator> From<StoredPanes<A>> for Panes<A> {
     fn from(stored: StoredPanes<A>) -> Self {
         let running_pos = stored
             .panes
@@ -80,10 +81,10 @@ impl<A: Accumulator> Panes<A> {
         match at {
             Ok(i) => self.panes[i].1.add(input),
             Err(i) => {
-                let mut acc = A::default();
-                acc.add(input);
+                let mut part = A::Part::default();
+                part.add(input);
                 super::prefetch::reserve_one(&mut self.panes);
-                self.panes.insert(i, (pane, acc));
+                self.panes.insert(i, (pane, part));
                 if pane < self.running_from {
                     self.running_pos += 1;
                 }
@@ -92,25 +93,6 @@ impl<A: Accumulator> Panes<A> {
         if pane >= self.running_from {
             self.running.add(input);
         }
-    }
-
-    /// Removes `part` (added earlier) from pane `pane`, and from the running total if the pane
-    /// is in it; a pane left empty is dropped. False if there is no such pane.
-    pub fn subtract_at(&mut self, pane: i64, part: &A) -> bool {
-        let Ok(i) = self.panes.binary_search_by_key(&pane, |(p, _)| *p) else {
-            return false;
-        };
-        let exact = self.panes[i].1.subtract(part);
-        if pane >= self.running_from && !self.running.subtract(part) {
-            self.rebuild();
-        }
-        if exact && self.panes[i].1.is_empty() {
-            self.panes.remove(i);
-            if i < self.running_pos {
-                self.running_pos -= 1;
-            }
-        }
-        exact
     }
 
     /// Index in `panes` of the first pane with index `>= pane`.
@@ -126,7 +108,7 @@ impl<A: Accumulator> Panes<A> {
                 if *p >= from {
                     break;
                 }
-                exact = exact && self.running.subtract(acc);
+                exact = exact && self.running.subtract_part(acc);
                 self.running_pos += 1;
             }
             self.running_from = from;
@@ -139,7 +121,7 @@ impl<A: Accumulator> Panes<A> {
                 if *p < from {
                     break;
                 }
-                self.running.merge(acc);
+                self.running.merge_part(acc);
                 self.running_pos = prev;
             }
             self.running_from = from;
@@ -149,7 +131,7 @@ impl<A: Accumulator> Panes<A> {
     fn rebuild(&mut self) {
         let mut running = A::default();
         for (_, acc) in self.panes.range(self.running_pos..) {
-            running.merge(acc);
+            running.merge_part(acc);
         }
         self.running = running;
     }
@@ -215,7 +197,7 @@ impl<A: Accumulator> Panes<A> {
                     break;
                 }
                 if *p >= start {
-                    acc.merge(pane);
+                    acc.merge_part(pane);
                 }
             }
             if !acc.is_empty() {
@@ -237,13 +219,34 @@ impl<A: Accumulator> Panes<A> {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.panes.capacity() * std::mem::size_of::<(i64, A)>()
+        self.panes.capacity() * std::mem::size_of::<(i64, A::Part)>()
             + self
                 .panes
                 .iter()
                 .map(|(_, a)| a.heap_bytes())
                 .sum::<usize>()
             + self.running.heap_bytes()
+    }
+}
+
+impl Panes<CountAcc> {
+    /// Removes `part` (added earlier) from pane `pane`, and from the running total if the pane
+    /// is in it; a pane left empty is dropped. False if there is no such pane.
+    pub fn subtract_at(&mut self, pane: i64, part: &CountAcc) -> bool {
+        let Ok(i) = self.panes.binary_search_by_key(&pane, |(p, _)| *p) else {
+            return false;
+        };
+        let exact = self.panes[i].1.subtract(part);
+        if pane >= self.running_from && !self.running.subtract(part) {
+            self.rebuild();
+        }
+        if exact && Accumulator::is_empty(&self.panes[i].1) {
+            self.panes.remove(i);
+            if i < self.running_pos {
+                self.running_pos -= 1;
+            }
+        }
+        exact
     }
 }
 
