@@ -573,20 +573,38 @@ impl PartitionState {
     }
 }
 
-const SNAPSHOT_VERSION: u32 = 1;
+/// Format 2: a header, then the slots in chunks encoded (and decoded) on parallel threads.
+/// Format 1 (one postcard struct) is still read.
+const SNAPSHOT_VERSION: u32 = 2;
+
+/// Slots per chunk at least: below this, threads cost more than they save.
+const MIN_CHUNK: usize = 8192;
 
 #[derive(Serialize)]
-struct SnapshotRef<'a> {
+struct SnapshotHeaderRef<'a> {
     version: u32,
     max_event_time: Option<i64>,
     next_seq: u64,
-    slots: &'a [Option<EntityState>],
     free: &'a [u32],
+    /// Byte length of each chunk of slots that follows the header.
+    chunks: &'a [u64],
 }
 
 #[derive(Deserialize)]
-struct SnapshotOwned {
-    version: u32,
+struct SnapshotHeader {
+    /// Read positionally; `restore` has already looked at it.
+    _version: u32,
+    max_event_time: Option<i64>,
+    next_seq: u64,
+    free: Vec<u32>,
+    chunks: Vec<u64>,
+}
+
+/// Format 1, read only.
+#[derive(Deserialize)]
+struct SnapshotV1 {
+    /// Read positionally; `restore` has already looked at it.
+    _version: u32,
     max_event_time: Option<i64>,
     next_seq: u64,
     slots: Vec<Option<EntityState>>,
@@ -599,33 +617,115 @@ pub enum SnapshotError {
     Encode(postcard::Error),
     #[error("partition snapshot could not be decoded: {0}")]
     Decode(postcard::Error),
+    #[error("partition snapshot is damaged: {0}")]
+    Damaged(&'static str),
     #[error(
-        "partition snapshot has format version {found}, this build reads version {SNAPSHOT_VERSION}"
+        "partition snapshot has format version {found}, this build reads versions 1 to {SNAPSHOT_VERSION}"
     )]
     Version { found: u32 },
 }
 
+/// Runs `work` on each part, one thread per part, and returns the results in order.
+/// Deterministic: the result does not depend on how the threads are scheduled.
+fn in_parallel<T: Sync, R: Send>(parts: &[T], work: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if parts.len() <= 1 {
+        return parts.iter().map(&work).collect();
+    }
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = parts
+            .iter()
+            .map(|part| scope.spawn(move || work(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+/// Slots per chunk: one chunk per core (at most eight), none smaller than `MIN_CHUNK`.
+fn chunk_len(slots: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    slots.div_ceil(cores.clamp(1, 8)).max(MIN_CHUNK)
+}
+
 impl PartitionState {
     /// Serialises the partition (entities, slot numbers, event-time progress). Timers are not
-    /// stored: they are a function of the state and are rebuilt on restore.
+    /// stored: they are a function of the state and are rebuilt on restore. The service waits
+    /// for this at every checkpoint, so the slots are encoded in chunks on parallel threads.
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        let snapshot = SnapshotRef {
+        let slots = &self.entities.slots;
+        let ranges: Vec<&[Option<EntityState>]> = slots.chunks(chunk_len(slots.len())).collect();
+        let encoded = in_parallel(&ranges, |range| postcard::to_allocvec(range));
+        let chunks = encoded
+            .into_iter()
+            .collect::<Result<Vec<Vec<u8>>, _>>()
+            .map_err(SnapshotError::Encode)?;
+        let lengths: Vec<u64> = chunks.iter().map(|c| c.len() as u64).collect();
+        let header = SnapshotHeaderRef {
             version: SNAPSHOT_VERSION,
             max_event_time: self.max_event_time,
             next_seq: self.next_seq,
-            slots: &self.entities.slots,
             free: &self.entities.free,
+            chunks: &lengths,
         };
-        postcard::to_allocvec(&snapshot).map_err(SnapshotError::Encode)
+        let mut out = postcard::to_allocvec(&header).map_err(SnapshotError::Encode)?;
+        out.reserve_exact(chunks.iter().map(Vec::len).sum());
+        for chunk in &chunks {
+            out.extend_from_slice(chunk);
+        }
+        Ok(out)
     }
 
     /// Restores a snapshot; the caller re-schedules timers (they depend on the pipeline).
     pub fn restore(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
-        let snapshot: SnapshotOwned = postcard::from_bytes(bytes).map_err(SnapshotError::Decode)?;
-        if snapshot.version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version {
-                found: snapshot.version,
-            });
+        let (version, _) =
+            postcard::take_from_bytes::<u32>(bytes).map_err(SnapshotError::Decode)?;
+        let snapshot = match version {
+            1 => postcard::from_bytes::<SnapshotV1>(bytes).map_err(SnapshotError::Decode)?,
+            SNAPSHOT_VERSION => {
+                let (header, mut rest) = postcard::take_from_bytes::<SnapshotHeader>(bytes)
+                    .map_err(SnapshotError::Decode)?;
+                let mut parts = Vec::with_capacity(header.chunks.len());
+                for &len in &header.chunks {
+                    let len = usize::try_from(len)
+                        .ok()
+                        .filter(|&l| l <= rest.len())
+                        .ok_or(SnapshotError::Damaged("a chunk runs past the end"))?;
+                    let (part, tail) = rest.split_at(len);
+                    parts.push(part);
+                    rest = tail;
+                }
+                if !rest.is_empty() {
+                    return Err(SnapshotError::Damaged("bytes after the last chunk"));
+                }
+                let decoded = in_parallel(&parts, |part| {
+                    postcard::from_bytes::<Vec<Option<EntityState>>>(part)
+                });
+                let mut slots = Vec::new();
+                for chunk in decoded {
+                    slots.extend(chunk.map_err(SnapshotError::Decode)?);
+                }
+                SnapshotV1 {
+                    _version: version,
+                    max_event_time: header.max_event_time,
+                    next_seq: header.next_seq,
+                    slots,
+                    free: header.free,
+                }
+            }
+            found => return Err(SnapshotError::Version { found }),
+        };
+        if snapshot
+            .free
+            .iter()
+            .any(|&f| snapshot.slots.get(f as usize).is_none_or(Option::is_some))
+        {
+            return Err(SnapshotError::Damaged("a free slot is missing or in use"));
         }
         let mut store = EntityStore {
             slots: snapshot.slots,
