@@ -660,7 +660,7 @@ impl PartitionState {
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let slots = &self.entities.slots;
         let ranges: Vec<&[Option<EntityState>]> = slots.chunks(chunk_len(slots.len())).collect();
-        let encoded = in_parallel(&ranges, |range| postcard::to_allocvec(range));
+        let encoded = in_parallel(&ranges, postcard::to_allocvec);
         let chunks = encoded
             .into_iter()
             .collect::<Result<Vec<Vec<u8>>, _>>()
