@@ -108,7 +108,7 @@ fn main() {
             break;
         };
         if warm {
-            engine.warm(0, upcoming.iter().map(|e| &*e.entity));
+            engine.warm(upcoming.iter().map(|e| (0, &*e.entity)));
         }
         if let Outcome::Late { .. } = engine.process(0, &event, 0, &mut sink) {
             late += 1;

@@ -262,23 +262,25 @@ impl Engine {
     }
 
     /// A hint with no effect on results: starts loading what processing the next events will
-    /// touch. `upcoming` are the entity ids of the events after the one about to be processed,
-    /// nearest first; the state of the first is loaded, the index entry of the second's and
-    /// the index bucket of the third's, so that by the time each is processed every level of
-    /// its state arrived while earlier events were being worked on.
-    pub fn warm<'a>(&self, partition: u32, upcoming: impl IntoIterator<Item = &'a str>) {
-        let Some(part) = self.partitions.get(&partition) else {
-            return;
-        };
+    /// touch. `upcoming` are the `(partition, entity id)` of the events after the one about to
+    /// be processed, nearest first; the state of the first is loaded, the index entry of the
+    /// second's and the index bucket of the third's, so that by the time each is processed
+    /// every level of its state arrived while earlier events were being worked on. Ids may be
+    /// guesses (a message key): a wrong one only wastes a load.
+    pub fn warm<'a>(&self, upcoming: impl IntoIterator<Item = (u32, &'a str)>) {
         let mut upcoming = upcoming.into_iter();
-        if let Some(id) = upcoming.next() {
-            part.entities.warm_features(id);
-        }
-        if let Some(id) = upcoming.next() {
-            part.entities.warm_header(id);
-        }
-        if let Some(id) = upcoming.next() {
-            part.entities.warm_index(id);
+        for level in 0..3 {
+            let Some((partition, id)) = upcoming.next() else {
+                return;
+            };
+            let Some(part) = self.partitions.get(&partition) else {
+                continue;
+            };
+            match level {
+                0 => part.entities.warm_features(id),
+                1 => part.entities.warm_header(id),
+                _ => part.entities.warm_index(id),
+            }
         }
     }
 

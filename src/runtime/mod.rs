@@ -449,6 +449,12 @@ impl Worker {
                     // state between two events) rather than after this thread's time slice.
                     RwLockWriteGuard::unlocked_fair(&mut engine, std::thread::yield_now);
                 }
+                // Input topics are keyed by entity: the keys of the next messages tell the
+                // engine whose state to start loading.
+                engine.warm(batch[index + 1..].iter().take(3).filter_map(|m| {
+                    let key = std::str::from_utf8(m.key()?).ok()?;
+                    Some((m.partition() as u32, key))
+                }));
                 let partition = message.partition();
                 if !self.positions.contains_key(&partition)
                     && !engine.partitions().any(|p| p == partition as u32)
