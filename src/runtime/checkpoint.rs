@@ -4,7 +4,9 @@
 //! Order of work that makes at-least-once hold: outputs acknowledged, then the checkpoint file
 //! synced, then the offset committed to Kafka. After a crash the consumer may restart from an
 //! older committed offset; records below the checkpoint's offset are then skipped, because the
-//! restored state already holds them.
+//! restored state already holds them. The service serialises the state on its processing
+//! thread and hands the files to a background writer (one checkpoint in flight at a time);
+//! the offsets are committed only after the writer has synced every file.
 
 use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
