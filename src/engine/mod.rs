@@ -12,12 +12,12 @@ mod index;
 mod prefetch;
 pub mod sketch;
 pub mod state;
+mod timers;
 pub mod window;
 
 #[cfg(test)]
 mod tests;
 
-use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -128,7 +128,9 @@ pub struct Engine {
     watermark: i64,
     values: Vec<FeatureValue>,
     closed: Vec<Closed>,
-    /// Scratch list of `(due, slot)` fired by one watermark move, kept to reuse its buffer.
+    /// Scratch lists of `(due, slot)`: timers taken out by one watermark move, and the
+    /// entities actually due among them; kept to reuse their buffers.
+    drained: Vec<(i64, u32)>,
     due_now: Vec<(i64, u32)>,
 }
 
@@ -141,6 +143,7 @@ impl Engine {
             watermark: i64::MIN,
             values: Vec::new(),
             closed: Vec::new(),
+            drained: Vec::new(),
             due_now: Vec::new(),
         }
     }
@@ -333,16 +336,15 @@ impl Engine {
         let features = &pipeline.features;
         let w = clock.watermark;
         let mut due_now = std::mem::take(&mut self.due_now);
+        let mut drained = std::mem::take(&mut self.drained);
         for part in self.partitions.values_mut() {
             // Collect what is due first and fire it in (due time, slot) order, so the order of
-            // records does not depend on the history of the timer heap (it differs after a
+            // records does not depend on the history of the timer queue (it differs after a
             // restore, which queues exact times).
             due_now.clear();
-            while let Some(&Reverse((at, slot))) = part.timers.peek() {
-                if at > w {
-                    break;
-                }
-                part.timers.pop();
+            drained.clear();
+            part.timers.drain_due(w, &mut drained);
+            for &(at, slot) in &drained {
                 let Some(entity) = part.entities.get_mut(slot) else {
                     continue;
                 };
@@ -407,6 +409,7 @@ impl Engine {
             }
         }
         self.due_now = due_now;
+        self.drained = drained;
     }
 
     /// Every feature value of `entity` as of now (the watermark, or the entity's newest event
@@ -445,8 +448,7 @@ impl Engine {
         let mut stats = StateStats::default();
         for part in self.partitions.values() {
             stats.entities += part.entities.len();
-            stats.bytes += part.entities.bytes()
-                + part.timers.capacity() * std::mem::size_of::<Reverse<(i64, u32)>>();
+            stats.bytes += part.entities.bytes() + part.timers.heap_bytes();
         }
         stats
     }

@@ -5,8 +5,6 @@
 //! [`FeatureState`] variant per accumulator type: adding an aggregation is a compile error until
 //! every match here handles it.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::hash::{BuildHasher, Hasher};
 
 use compact_str::CompactString;
@@ -16,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::agg::*;
 use super::distinct::RecentDistinct;
 use super::index::SlotIndex;
+use super::timers::TimerQueue;
 use super::window::{Panes, Sessions, floor_div};
 use crate::config::{Feature, Window};
 
@@ -326,7 +325,7 @@ pub struct EntityState {
     /// When time next changes this entity ([`NEVER`]: never); rebuilt on restore.
     #[serde(skip, default = "never")]
     pub due: i64,
-    /// The time of this entity's live entry in the timer heap ([`NEVER`]: none).
+    /// The time of this entity's live entry in the timer queue ([`NEVER`]: none).
     #[serde(skip, default = "never")]
     pub queued: i64,
 }
@@ -549,7 +548,7 @@ impl EntityStore {
 pub struct PartitionState {
     pub entities: EntityStore,
     /// `(due, slot)`; an entry is live only when it matches the entity's `queued`.
-    pub timers: BinaryHeap<Reverse<(i64, u32)>>,
+    pub timers: TimerQueue,
     /// The newest event time seen in this partition (its watermark is this minus the bound).
     pub max_event_time: Option<i64>,
     /// Arrival counter; orders events with equal times (`first`/`last`).
@@ -568,7 +567,7 @@ impl PartitionState {
             && d < entity.queued
         {
             entity.queued = d;
-            self.timers.push(Reverse((d, slot)));
+            self.timers.push(d, slot);
         }
     }
 }
@@ -747,7 +746,7 @@ impl PartitionState {
         }
         Ok(PartitionState {
             entities: store,
-            timers: BinaryHeap::new(),
+            timers: TimerQueue::default(),
             max_event_time: snapshot.max_event_time,
             next_seq: snapshot.next_seq,
         })
