@@ -21,6 +21,11 @@ pub struct TimerQueue {
     /// Bucket `b` holds entries whose key differs from `floor` first in bit `b - 1`; bucket
     /// 0 holds entries whose key is `floor`.
     buckets: Vec<Vec<(i64, u32)>>,
+    /// The smallest key in each bucket (`u64::MAX` when empty), so that finding the next
+    /// minimum never scans a bucket that is not due yet.
+    mins: Vec<u64>,
+    /// Bit `b` set when bucket `b` holds entries.
+    filled: u128,
     /// The smallest key taken out so far (never past the latest watermark drained to).
     floor: u64,
     len: usize,
@@ -30,6 +35,8 @@ impl Default for TimerQueue {
     fn default() -> Self {
         TimerQueue {
             buckets: vec![Vec::new(); 65],
+            mins: vec![u64::MAX; 65],
+            filled: 0,
             floor: 0,
             len: 0,
         }
@@ -37,14 +44,17 @@ impl Default for TimerQueue {
 }
 
 impl TimerQueue {
-    fn bucket_of(&self, due: i64) -> usize {
+    /// Files an entry under its key, clamped to `floor`.
+    fn file(&mut self, due: i64, slot: u32) {
         let k = key(due).max(self.floor);
-        (64 - (k ^ self.floor).leading_zeros()) as usize
+        let b = (64 - (k ^ self.floor).leading_zeros()) as usize;
+        self.buckets[b].push((due, slot));
+        self.mins[b] = self.mins[b].min(k);
+        self.filled |= 1 << b;
     }
 
     pub fn push(&mut self, due: i64, slot: u32) {
-        let b = self.bucket_of(due);
-        self.buckets[b].push((due, slot));
+        self.file(due, slot);
         self.len += 1;
     }
 
@@ -52,31 +62,28 @@ impl TimerQueue {
     pub fn drain_due(&mut self, watermark: i64, out: &mut Vec<(i64, u32)>) {
         let limit = key(watermark);
         loop {
-            if !self.buckets[0].is_empty() {
+            if self.filled & 1 != 0 {
                 // Keyed at `floor`, which is at or before a watermark already drained to.
                 self.len -= self.buckets[0].len();
                 out.append(&mut self.buckets[0]);
+                self.mins[0] = u64::MAX;
+                self.filled &= !1;
             }
-            let Some(b) = (1..self.buckets.len()).find(|&b| !self.buckets[b].is_empty()) else {
+            if self.filled == 0 {
                 return;
-            };
-            let floor = self.floor;
-            let Some(min) = self.buckets[b]
-                .iter()
-                .map(|&(due, _)| key(due).max(floor))
-                .min()
-            else {
-                return;
-            };
+            }
+            let b = self.filled.trailing_zeros() as usize;
+            let min = self.mins[b];
             if min > limit {
                 return;
             }
             // Advance to the smallest key and spread that bucket over the lower ones.
             self.floor = min;
             let mut moving = std::mem::take(&mut self.buckets[b]);
+            self.mins[b] = u64::MAX;
+            self.filled &= !(1 << b);
             for (due, slot) in moving.drain(..) {
-                let target = self.bucket_of(due);
-                self.buckets[target].push((due, slot));
+                self.file(due, slot);
             }
             // A small emptied buffer is kept for the next time this bucket fills; a large one
             // is freed (the entries now live in lower buckets, and keeping every bucket's
