@@ -21,15 +21,10 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
     let batch = events(3000, 0);
     produce(&input, &batch);
 
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let service = Service::start(&pipeline, &["--http", &http], dir.path().join("run.log"));
+    let (service, http) = start_service(&pipeline, dir.path().join("run.log"));
     let base = format!("http://{http}");
     wait_until(Duration::from_secs(120), "all events consumed", || {
-        metric(
-            &http_get(&format!("{base}/metrics")).1,
-            "featurestream_events_consumed_total",
-        ) >= 3000
+        consumed(&http) >= 3000
     });
 
     // Replay the same events (same per-entity order) and compare every event's own record.
@@ -131,12 +126,7 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
     wait_until(
         Duration::from_secs(120),
         "the second batch consumed",
-        || {
-            metric(
-                &http_get(&format!("{base}/metrics")).1,
-                "featurestream_events_consumed_total",
-            ) >= 23_000
-        },
+        || consumed(&http) >= 23_000,
     );
 
     // The first cards have been quiet while the watermark moved ~5 hours on: their sliding
@@ -354,14 +344,9 @@ fn sigterm_midstream_and_restart_lose_nothing() {
     } = setup("restart", 3, "json", "json");
     let batch = events(30_000, 0);
     produce(&input, &batch);
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let first = Service::start(&pipeline, &["--http", &http], dir.path().join("first.log"));
+    let (first, http) = start_service(&pipeline, dir.path().join("first.log"));
     wait_until(Duration::from_secs(120), "some events consumed", || {
-        metric(
-            &http_get(&format!("http://{http}/metrics")).1,
-            "featurestream_events_consumed_total",
-        ) >= 3000
+        consumed(&http) >= 3000
     });
     let (status, log) = first.terminate();
     assert!(status.success(), "clean exit on SIGTERM:\n{log}");
@@ -370,33 +355,16 @@ fn sigterm_midstream_and_restart_lose_nothing() {
         "{log}"
     );
 
-    let second = Service::start(&pipeline, &["--http", &http], dir.path().join("second.log"));
+    let (second, http) = start_service(&pipeline, dir.path().join("second.log"));
     wait_until(
         Duration::from_secs(120),
-        "the rest consumed after restart",
-        || {
-            let text = http_get(&format!("http://{http}/metrics")).1;
-            metric(&text, "featurestream_events_consumed_total") > 0 && {
-                let out = consume_all(&output, None, Duration::from_secs(2));
-                event_records(&parse(&out), &batch).len() == batch.len()
-            }
-        },
+        "the restarted service consuming",
+        || consumed(&http) > 0,
     );
+    wait_for_every_event_record(&output, &batch);
     let (status, log) = second.terminate();
     assert!(status.success(), "{log}");
-    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
-    let own = event_records(&streamed, &batch);
-    assert_eq!(
-        own.len(),
-        batch.len(),
-        "no input event is missing from the output"
-    );
-    for (key, copies) in &own {
-        assert!(
-            copies.windows(2).all(|w| w[0] == w[1]),
-            "duplicates of {key:?} differ: {copies:?}"
-        );
-    }
+    assert_no_event_lost(&output, &batch, &log);
 }
 
 #[test]
@@ -554,25 +522,16 @@ fn partitions_move_to_a_second_instance_with_their_state() {
     } = setup("move", 3, "json", "json");
     let first_batch = events(12_000, 0);
     produce(&input, &first_batch);
-    let (http_a, http_b) = (
-        format!("127.0.0.1:{}", free_port()),
-        format!("127.0.0.1:{}", free_port()),
-    );
-    let a = Service::start(&pipeline, &["--http", &http_a], dir.path().join("a.log"));
+    let (a, http_a) = start_service(&pipeline, dir.path().join("a.log"));
     wait_until(
         Duration::from_secs(120),
         "the first instance consuming",
-        || {
-            metric(
-                &http_get(&format!("http://{http_a}/metrics")).1,
-                "featurestream_events_consumed_total",
-            ) >= 1000
-        },
+        || consumed(&http_a) >= 1000,
     );
 
     // A second member of the same group (same pipeline, same state folder): the group moves
     // some partitions to it, and their state must follow.
-    let b = Service::start(&pipeline, &["--http", &http_b], dir.path().join("b.log"));
+    let (b, http_b) = start_service(&pipeline, dir.path().join("b.log"));
     wait_until(
         Duration::from_secs(120),
         "the second instance owning partitions",
@@ -582,18 +541,8 @@ fn partitions_move_to_a_second_instance_with_their_state() {
     let second_batch = events(6_000, 12_000);
     produce(&input, &second_batch);
     let all: Vec<_> = first_batch.iter().chain(&second_batch).cloned().collect();
-    wait_until(
-        Duration::from_secs(180),
-        "every event's record on the output topic",
-        || {
-            let out = consume_all(&output, None, Duration::from_secs(2));
-            event_records(&parse(&out), &all).len() == all.len()
-        },
-    );
-    let consumed_by_b = metric(
-        &http_get(&format!("http://{http_b}/metrics")).1,
-        "featurestream_events_consumed_total",
-    );
+    wait_for_every_event_record(&output, &all);
+    let consumed_by_b = consumed(&http_b);
     let (status_a, log_a) = a.terminate();
     let (status_b, log_b) = b.terminate();
     assert!(status_a.success(), "{log_a}");

@@ -23,24 +23,11 @@ fn broker_outage_midstream_loses_nothing() {
     // Enough input that the service is still consuming when the broker goes away.
     let before = events(150_000, 0);
     produce(&input, &before);
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let service = Service::start(
-        &pipeline,
-        &["--http", &http],
-        dir.path().join("service.log"),
-    );
+    let (service, http) = start_service(&pipeline, dir.path().join("service.log"));
     wait_until(Duration::from_secs(120), "some events consumed", || {
-        metric(
-            &http_get(&format!("http://{http}/metrics")).1,
-            "featurestream_events_consumed_total",
-        ) >= 2000
+        consumed(&http) >= 2000
     });
-
-    let consumed_at_outage = metric(
-        &http_get(&format!("http://{http}/metrics")).1,
-        "featurestream_events_consumed_total",
-    );
+    let consumed_at_outage = consumed(&http);
     // Ten seconds without a broker, then the same broker (same storage) back.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka.sh");
     let bounce = Command::new(script)
@@ -60,14 +47,7 @@ fn broker_outage_midstream_loses_nothing() {
     let after = events(5_000, 150_000);
     produce(&input, &after);
     let all: Vec<_> = before.iter().chain(&after).cloned().collect();
-    wait_until(
-        Duration::from_secs(180),
-        "every event's record on the output topic after the outage",
-        || {
-            let out = consume_all(&output, None, Duration::from_secs(2));
-            event_records(&parse(&out), &all).len() == all.len()
-        },
-    );
+    wait_for_every_event_record(&output, &all);
     let (status, log) = service.terminate();
     assert!(status.success(), "clean exit after the outage:\n{log}");
     assert!(
@@ -79,13 +59,5 @@ fn broker_outage_midstream_loses_nothing() {
         log.contains("No Kafka broker is reachable") && log.contains("Kafka is reachable again"),
         "the outage and the recovery are both in the log:\n{log}"
     );
-    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
-    let own = event_records(&streamed, &all);
-    assert_eq!(own.len(), all.len(), "no input event is missing:\n{log}");
-    for (key, copies) in &own {
-        assert!(
-            copies.windows(2).all(|w| w[0] == w[1]),
-            "duplicates of {key:?} differ: {copies:?}"
-        );
-    }
+    assert_no_event_lost(&output, &all, &log);
 }

@@ -413,3 +413,44 @@ pub fn setup(name: &str, partitions: i32, format: &str, sink_format: &str) -> Se
         pipeline,
     }
 }
+
+/// `featurestream_events_consumed_total` as the service at `http` reports it now.
+pub fn consumed(http: &str) -> u64 {
+    metric(
+        &http_get(&format!("http://{http}/metrics")).1,
+        "featurestream_events_consumed_total",
+    )
+}
+
+/// Starts `featurestream run` with its HTTP API on a free port; returns it and the address.
+pub fn start_service(pipeline: &Path, log: PathBuf) -> (Service, String) {
+    let http = format!("127.0.0.1:{}", free_port());
+    let service = Service::start(pipeline, &["--http", &http], log);
+    (service, http)
+}
+
+/// Waits until every input event's own record is on `output`.
+pub fn wait_for_every_event_record(output: &str, input: &[(i32, String, Vec<u8>)]) {
+    wait_until(
+        Duration::from_secs(180),
+        "every event's record on the output topic",
+        || {
+            let out = consume_all(output, None, Duration::from_secs(2));
+            event_records(&parse(&out), input).len() == input.len()
+        },
+    );
+}
+
+/// No input event is missing from `output`, and the copies of one event's record (at-least-once
+/// may repeat it) are identical.
+pub fn assert_no_event_lost(output: &str, input: &[(i32, String, Vec<u8>)], log: &str) {
+    let streamed = parse(&consume_all(output, None, Duration::from_secs(5)));
+    let own = event_records(&streamed, input);
+    assert_eq!(own.len(), input.len(), "no input event is missing:\n{log}");
+    for (key, copies) in &own {
+        assert!(
+            copies.windows(2).all(|w| w[0] == w[1]),
+            "duplicates of {key:?} differ: {copies:?}"
+        );
+    }
+}
