@@ -83,11 +83,11 @@ pub trait Part: std::fmt::Debug + Clone + Default + Serialize + for<'de> Deseria
     }
 }
 
-/// An accumulator is its own pane part.
+/// An accumulator is its own pane part: `whole_panes!([generics] Type, ...)`.
 macro_rules! whole_panes {
-    ($($t:ty),* $(,)?) => {
+    ($([$($generics:tt)*] $t:ty),* $(,)?) => {
         $(
-            impl Part for $t {
+            impl<$($generics)*> Part for $t {
                 fn add(&mut self, input: &Input<'_, '_>) {
                     Accumulator::add(self, input)
                 }
@@ -223,28 +223,14 @@ impl CompensatedSum {
     }
 }
 
-whole_panes!(CountAcc, SumIntAcc, DistinctAcc, SketchAcc);
-
-impl<const MAX: bool> Part for ExtremeAcc<MAX> {
-    fn add(&mut self, input: &Input<'_, '_>) {
-        Accumulator::add(self, input)
-    }
-    fn is_empty(&self) -> bool {
-        Accumulator::is_empty(self)
-    }
-}
-
-impl<const LAST: bool> Part for EdgeAcc<LAST> {
-    fn add(&mut self, input: &Input<'_, '_>) {
-        Accumulator::add(self, input)
-    }
-    fn is_empty(&self) -> bool {
-        Accumulator::is_empty(self)
-    }
-    fn heap_bytes(&self) -> usize {
-        Accumulator::heap_bytes(self)
-    }
-}
+whole_panes!(
+    [] CountAcc,
+    [] SumIntAcc,
+    [] DistinctAcc,
+    [] SketchAcc,
+    [const MAX: bool] ExtremeAcc<MAX>,
+    [const LAST: bool] EdgeAcc<LAST>,
+);
 
 /// A pane of a float sum: the plain sum of its values and their count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
