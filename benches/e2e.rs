@@ -249,6 +249,11 @@ fn main() {
         .collect();
     all.sort_unstable();
     steady.sort_unstable();
+    assert!(
+        !steady.is_empty(),
+        "no record after the {} s warm-up: make E2E_LATENCY_SECS longer than E2E_WARMUP_SECS",
+        warmup_ms / 1000
+    );
     let pct = |v: &[i64], q: f64| v[((v.len() - 1) as f64 * q) as usize];
     println!(
         "latency at {rate}/s   steady state (after {} s): p50 {} ms, p99 {} ms, max {} ms over {} records",

@@ -162,6 +162,14 @@ fn main() {
         stats.bytes,
         stats.bytes / stats.entities.max(1)
     );
+    let per_entity = |b: usize| b / stats.entities.max(1);
+    let features: Vec<String> = pipeline
+        .features
+        .iter()
+        .zip(engine.feature_bytes())
+        .map(|(f, b)| format!("{} {}", f.name, per_entity(b)))
+        .collect();
+    println!("    by feature      {}", features.join(", "));
     if let Some(growth) = rss_growth {
         println!(
             "  process memory    resident set grew {} bytes while aggregating, {} per entity (allocator overhead included)",

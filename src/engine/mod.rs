@@ -453,6 +453,20 @@ impl Engine {
         stats
     }
 
+    /// Bytes of state per feature, in pipeline order: each feature's fixed part plus what it
+    /// holds on the heap, summed over entities (for the benchmark; walks every entity).
+    pub fn feature_bytes(&self) -> Vec<usize> {
+        let mut bytes = vec![0; self.pipeline.features.len()];
+        for part in self.partitions.values() {
+            for (_, entity) in part.entities.iter() {
+                for (total, feature) in bytes.iter_mut().zip(entity.features.iter()) {
+                    *total += std::mem::size_of::<state::FeatureState>() + feature.heap_bytes();
+                }
+            }
+        }
+        bytes
+    }
+
     /// Serialises one partition's state.
     pub fn snapshot_partition(&self, partition: u32) -> Result<Vec<u8>, SnapshotError> {
         match self.partitions.get(&partition) {
