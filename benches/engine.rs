@@ -91,13 +91,13 @@ fn main() {
     let mut sink = CountingSink::default();
     let mut late = 0usize;
     let t = Instant::now();
-    // Events are decoded a few ahead so that the engine can warm their state (as `replay` and
-    // `run` do).
+    // Events are decoded a few ahead so that the engine can warm their state (as `run` does
+    // with the keys of the messages that follow in its batch).
     let warm = env("BENCH_WARM", 1) == 1;
     let mut upcoming = std::collections::VecDeque::with_capacity(4);
     let mut inputs = payloads.iter();
     loop {
-        while upcoming.len() < 4 {
+        while upcoming.len() <= featurestream::engine::WARM_AHEAD {
             let Some(p) = inputs.next() else { break };
             match decoder.decode(p) {
                 Ok(event) => upcoming.push_back(event),

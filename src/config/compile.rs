@@ -3,7 +3,24 @@
 
 use std::collections::BTreeMap;
 
-use super::duration::parse_duration_ms;
+use super::duration::{format_duration_ms, parse_duration_ms};
+
+/// With `emit: on_window_close`, the most windows one event may fall in (size / step): each
+/// of them is written as a record when it closes.
+const MAX_WINDOWS_PER_EVENT: i64 = 100_000;
+
+/// The finest round step that divides `size_ms` and keeps within [`MAX_WINDOWS_PER_EVENT`].
+fn coarser_step(size_ms: i64) -> i64 {
+    let least = (size_ms + MAX_WINDOWS_PER_EVENT - 1) / MAX_WINDOWS_PER_EVENT;
+    const ROUND: [i64; 16] = [
+        1_000, 5_000, 10_000, 15_000, 30_000, 60_000, 300_000, 600_000, 900_000, 1_800_000,
+        3_600_000, 7_200_000, 10_800_000, 21_600_000, 43_200_000, 86_400_000,
+    ];
+    ROUND
+        .into_iter()
+        .find(|&step| step >= least && size_ms % step == 0)
+        .unwrap_or(least)
+}
 use super::expr::Expr;
 use super::yaml::{self, Node, NodeKind, Pos};
 use super::*;
@@ -1146,11 +1163,20 @@ impl Compiler {
                         written: WindowWritten::Sliding,
                         ..
                     } => Some(
-                        "an exact sliding window closes every millisecond; give it a `step` to use `emit: on_window_close`",
+                        "an exact sliding window closes every millisecond; give it a `step` to use `emit: on_window_close`"
+                            .to_string(),
                     ),
                     Window::Lifetime => Some(
-                        "a lifetime window never closes, so `emit: on_window_close` would never emit it",
+                        "a lifetime window never closes, so `emit: on_window_close` would never emit it"
+                            .to_string(),
                     ),
+                    Window::Hopping {
+                        size_ms, step_ms, ..
+                    } if size_ms / step_ms > MAX_WINDOWS_PER_EVENT => Some(format!(
+                        "each event falls in {} windows of this feature and `emit: on_window_close` writes a record for every one; use a step of at least {} or `emit: on_update`",
+                        size_ms / step_ms,
+                        format_duration_ms(coarser_step(size_ms))
+                    )),
                     _ => None,
                 };
                 if let Some(message) = problem {

@@ -1,5 +1,9 @@
 //! Durations written in pipeline files: an integer and a unit (`500ms`, `10s`, `5m`, `1h`, `7d`).
 
+/// The longest duration a pipeline takes: 36500 days (100 years). Longer windows are what
+/// `lifetime` is for, and the bound keeps every sum of a time and a duration in range.
+pub const MAX_DURATION_MS: i64 = 36_500 * 86_400_000;
+
 /// Parses a duration into milliseconds; the error says what was expected.
 pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     let text = text.trim();
@@ -27,9 +31,12 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
             ));
         }
     };
-    value
-        .checked_mul(unit_ms)
-        .ok_or_else(|| format!("`{text}` is too large for a duration"))
+    match value.checked_mul(unit_ms) {
+        Some(ms) if ms <= MAX_DURATION_MS => Ok(ms),
+        _ => Err(format!(
+            "`{text}` is longer than the longest duration a pipeline takes (36500d, 100 years)"
+        )),
+    }
 }
 
 /// Formats milliseconds with the largest unit that divides them exactly.
@@ -71,6 +78,13 @@ mod tests {
         assert!(parse_duration_ms("-5s").is_err());
         assert!(parse_duration_ms("1.5h").is_err());
         assert!(parse_duration_ms("99999999999999999999d").is_err());
+        assert_eq!(parse_duration_ms("36500d"), Ok(MAX_DURATION_MS));
+        assert!(
+            parse_duration_ms("36501d")
+                .unwrap_err()
+                .contains("longer than the longest duration")
+        );
+        assert!(parse_duration_ms("300000000d").is_err());
     }
 
     #[test]

@@ -182,6 +182,29 @@ fn windows_are_checked() {
         has(&errs, "features[3].window", "never closes"),
         "{errs:#?}"
     );
+    // A record per window: 300 days in 1-minute steps would be 432,000 records per event.
+    let errs = errors(
+        &VALID
+            .replace("emit: on_update", "emit: on_window_close")
+            .replace("{ hopping: 1h, step: 5m }", "{ sliding: 300d, step: 1m }"),
+    );
+    assert!(
+        has(
+            &errs,
+            "features[1].window",
+            "falls in 432000 windows of this feature and `emit: on_window_close` writes a record for every one; use a step of at least 5m"
+        ),
+        "{errs:#?}"
+    );
+    let errs = errors(&VALID.replace("{ session: 30m }", "{ session: 300000000d }"));
+    assert!(
+        has(
+            &errs,
+            "features[4].window.session",
+            "longer than the longest duration"
+        ),
+        "{errs:#?}"
+    );
 }
 
 #[test]

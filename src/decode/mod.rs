@@ -160,6 +160,17 @@ pub fn finish_event<'a>(
         Value::Ts(t) => t,
         _ => return Err(missing(&source.schema, source.event_time)),
     };
+    if !(time::MIN_EVENT_TIME_MS..=time::MAX_EVENT_TIME_MS).contains(&time_ms) {
+        // Epoch milliseconds can name instants no RFC 3339 time can; windows over them would
+        // overflow, and one such event would carry the watermark thousands of years away.
+        return Err(Rejection::new(
+            RejectReason::Schema,
+            format!(
+                "event time field `{}` is {time_ms} ms since the epoch, outside the years 0000 to 9999",
+                source.schema.fields[source.event_time].name
+            ),
+        ));
+    }
     Ok(DecodedEvent {
         entity,
         time_ms,

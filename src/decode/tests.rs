@@ -64,6 +64,21 @@ fn each_kind_of_bad_input_has_its_reason() {
         "truncated"
     );
     assert_eq!(reason(b"[1,2]"), RejectReason::Malformed, "not an object");
+    for ts in [i64::MIN, -62_167_219_200_001, 253_402_300_800_000, i64::MAX] {
+        let event = format!(r#"{{"id":"a","n":1,"ts":{ts}}}"#);
+        assert_eq!(
+            reason(event.as_bytes()),
+            RejectReason::Schema,
+            "event time {ts} outside the years 0000 to 9999"
+        );
+    }
+    for ts in [-62_167_219_200_000i64, 253_402_300_799_999] {
+        let event = format!(r#"{{"id":"a","n":1,"ts":{ts}}}"#);
+        let decoded = JsonDecoder::new(&source(""))
+            .decode(event.as_bytes())
+            .expect("the first and last instants RFC 3339 can write are accepted");
+        assert_eq!(decoded.time_ms, ts);
+    }
     assert_eq!(reason(b""), RejectReason::Malformed);
     assert_eq!(
         reason(&[b'{', b'"', 0xff, 0xfe, b'"', b':', b'1', b'}']),

@@ -53,6 +53,13 @@ fn digits(bytes: &[u8], at: usize, count: usize) -> Option<u32> {
     Some(value)
 }
 
+/// The earliest event time accepted: 0000-01-01T00:00:00.000Z, the first instant RFC 3339
+/// can write.
+pub const MIN_EVENT_TIME_MS: i64 = -62_167_219_200_000;
+/// The latest event time accepted: 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can
+/// write.
+pub const MAX_EVENT_TIME_MS: i64 = 253_402_300_799_999;
+
 /// Parses an RFC 3339 date-time into epoch milliseconds.
 pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
     let b = text.as_bytes();

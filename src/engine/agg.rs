@@ -194,6 +194,12 @@ impl Accumulator for SumIntAcc {
     }
 }
 
+/// A running total that values are added to and subtracted from is only as exact as the largest
+/// values that passed through it: each was rounded on the way. Once the magnitude that passed
+/// through is this many times what the total now holds (a 1e8 has left a window of 0.1s), the
+/// total is rebuilt from the panes that remain, which bounds the relative error near 2e-10.
+const CANCELLATION: f64 = (1u64 << 20) as f64;
+
 /// A float sum with Neumaier compensation, so that adding and later subtracting the same
 /// values returns to (almost exactly) where it was.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -255,6 +261,10 @@ impl Part for SumFloatPart {
 pub struct SumFloatAcc {
     sum: CompensatedSum,
     n: u64,
+    /// Magnitude added and subtracted since the total was last built from scratch (see
+    /// [`CANCELLATION`]). Stored, so that a restored total rebuilds exactly when the original
+    /// would have.
+    passed: f64,
 }
 
 impl Accumulator for SumFloatAcc {
@@ -262,34 +272,39 @@ impl Accumulator for SumFloatAcc {
     fn merge_part(&mut self, part: &SumFloatPart) {
         self.sum.add(part.sum);
         self.n += part.n;
+        self.passed += part.sum.abs();
     }
     fn subtract_part(&mut self, part: &SumFloatPart) -> bool {
         self.n = self.n.saturating_sub(part.n);
         if self.n == 0 {
             *self = Self::default();
-        } else {
-            self.sum.add(-part.sum);
+            return true;
         }
-        true
+        self.sum.add(-part.sum);
+        self.passed += part.sum.abs();
+        self.passed <= CANCELLATION * self.sum.value().abs()
     }
     fn add(&mut self, input: &Input<'_, '_>) {
         if let Some(x) = input.value.as_f64() {
             self.sum.add(x);
             self.n += 1;
+            self.passed += x.abs();
         }
     }
     fn merge(&mut self, other: &Self) {
         self.sum.add_sum(&other.sum, 1.0);
         self.n += other.n;
+        self.passed += other.passed;
     }
     fn subtract(&mut self, other: &Self) -> bool {
         self.n = self.n.saturating_sub(other.n);
         if self.n == 0 {
             *self = Self::default();
-        } else {
-            self.sum.add_sum(&other.sum, -1.0);
+            return true;
         }
-        true
+        self.sum.add_sum(&other.sum, -1.0);
+        self.passed += other.passed;
+        self.passed <= CANCELLATION * self.sum.value().abs()
     }
     fn is_empty(&self) -> bool {
         self.n == 0
@@ -311,6 +326,9 @@ pub struct MomentsAcc {
     shift: f64,
     s1: CompensatedSum,
     s2: CompensatedSum,
+    /// Squares added and subtracted since the sums were last built from scratch (see
+    /// [`CANCELLATION`]). Stored, like [`SumFloatAcc::passed`].
+    passed: f64,
 }
 
 /// A pane of a moments window: count and plain sums of `x - shift` around the pane's first
@@ -350,6 +368,7 @@ impl MomentsPart {
         };
         acc.s1.add(self.s1);
         acc.s2.add(self.s2);
+        acc.passed = self.s2;
         acc
     }
 }
@@ -400,6 +419,7 @@ impl Accumulator for MomentsAcc {
         self.s1.add(d);
         self.s2.add(d * d);
         self.n += 1;
+        self.passed += d * d;
     }
     fn merge(&mut self, other: &Self) {
         if other.n == 0 {
@@ -413,6 +433,7 @@ impl Accumulator for MomentsAcc {
         self.s1.add_sum(&r1, 1.0);
         self.s2.add_sum(&r2, 1.0);
         self.n += other.n;
+        self.passed += r2.value().abs();
     }
     fn subtract(&mut self, other: &Self) -> bool {
         if other.n == 0 {
@@ -426,7 +447,12 @@ impl Accumulator for MomentsAcc {
         self.s1.add_sum(&r1, -1.0);
         self.s2.add_sum(&r2, -1.0);
         self.n -= other.n;
-        true
+        self.passed += r2.value().abs();
+        // The sums are around `shift`, the first value merged: once the values near it have
+        // left, the spread is a small difference of large squares. Rebuilding starts again
+        // around a value still in the window.
+        let m2 = CANCELLATION * self.m2();
+        self.passed <= m2 && self.s2.value() <= m2
     }
     fn is_empty(&self) -> bool {
         self.n == 0

@@ -461,6 +461,18 @@ impl EntityStore {
         }
     }
 
+    /// Starts loading what the features of the entity `id` probably is point to (feature
+    /// array loaded).
+    pub fn warm_heap(&self, id: &str) {
+        if let Some(entity) = self
+            .index
+            .probable_slot(id_hash(id))
+            .and_then(|slot| self.get(slot))
+        {
+            entity.prefetch();
+        }
+    }
+
     /// Starts loading the feature array of the entity `id` probably is (header loaded).
     pub fn warm_features(&self, id: &str) {
         if let Some(entity) = self
@@ -572,9 +584,10 @@ impl PartitionState {
     }
 }
 
-/// Format 2: a header, then the slots in chunks encoded (and decoded) on parallel threads.
-/// Format 1 (one postcard struct) is still read.
-const SNAPSHOT_VERSION: u32 = 2;
+/// Format 3: a header, then the slots in chunks encoded (and decoded) on parallel threads.
+/// Format 3 added the rounding budget of float sums and moments to window totals; the entity
+/// layout of formats 1 and 2 differs and they are refused with an error that says so.
+const SNAPSHOT_VERSION: u32 = 3;
 
 /// Slots per chunk at least: below this, threads cost more than they save.
 const MIN_CHUNK: usize = 8192;
@@ -599,11 +612,8 @@ struct SnapshotHeader {
     chunks: Vec<u64>,
 }
 
-/// Format 1, read only.
-#[derive(Deserialize)]
-struct SnapshotV1 {
-    /// Read positionally; `restore` has already looked at it.
-    _version: u32,
+/// A decoded snapshot, before its entities are indexed.
+struct DecodedSnapshot {
     max_event_time: Option<i64>,
     next_seq: u64,
     slots: Vec<Option<EntityState>>,
@@ -619,9 +629,13 @@ pub enum SnapshotError {
     #[error("partition snapshot is damaged: {0}")]
     Damaged(&'static str),
     #[error(
-        "partition snapshot has format version {found}, this build reads versions 1 to {SNAPSHOT_VERSION}"
+        "partition snapshot has format version {found}, this build reads version {SNAPSHOT_VERSION}"
     )]
     Version { found: u32 },
+    #[error(
+        "partition snapshot has format version {found}, written by an earlier build whose entity state this build cannot read; move the state directory aside and reset the consumer group's offsets to rebuild the state from the input"
+    )]
+    Outdated { found: u32 },
 }
 
 /// Runs `work` on each part, one thread per part, and returns the results in order.
@@ -685,7 +699,7 @@ impl PartitionState {
         let (version, _) =
             postcard::take_from_bytes::<u32>(bytes).map_err(SnapshotError::Decode)?;
         let snapshot = match version {
-            1 => postcard::from_bytes::<SnapshotV1>(bytes).map_err(SnapshotError::Decode)?,
+            1 | 2 => return Err(SnapshotError::Outdated { found: version }),
             SNAPSHOT_VERSION => {
                 let (header, mut rest) = postcard::take_from_bytes::<SnapshotHeader>(bytes)
                     .map_err(SnapshotError::Decode)?;
@@ -709,8 +723,7 @@ impl PartitionState {
                 for chunk in decoded {
                     slots.extend(chunk.map_err(SnapshotError::Decode)?);
                 }
-                SnapshotV1 {
-                    _version: version,
+                DecodedSnapshot {
                     max_event_time: header.max_event_time,
                     next_seq: header.next_seq,
                     slots,

@@ -451,10 +451,15 @@ impl Worker {
                 }
                 // Input topics are keyed by entity: the keys of the next messages tell the
                 // engine whose state to start loading.
-                engine.warm(batch[index + 1..].iter().take(3).filter_map(|m| {
-                    let key = std::str::from_utf8(m.key()?).ok()?;
-                    Some((m.partition() as u32, key))
-                }));
+                engine.warm(
+                    batch[index + 1..]
+                        .iter()
+                        .take(crate::engine::WARM_AHEAD)
+                        .filter_map(|m| {
+                            let key = std::str::from_utf8(m.key()?).ok()?;
+                            Some((m.partition() as u32, key))
+                        }),
+                );
                 let partition = message.partition();
                 if !self.positions.contains_key(&partition)
                     && !engine.partitions().any(|p| p == partition as u32)
