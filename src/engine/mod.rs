@@ -121,7 +121,7 @@ pub struct StateStats {
 }
 
 /// How many upcoming events [`Engine::warm`] uses.
-pub const WARM_AHEAD: usize = 4;
+pub const WARM_AHEAD: usize = 3;
 
 pub struct Engine {
     pipeline: Arc<Pipeline>,
@@ -269,11 +269,11 @@ impl Engine {
 
     /// A hint with no effect on results: starts loading what processing the next events will
     /// touch. `upcoming` are the `(partition, entity id)` of the events after the one about to
-    /// be processed, nearest first: what the first's features point to (window panes, sets,
-    /// sketches) is loaded, the feature array of the second, the index entry of the third and
-    /// the index bucket of the fourth, so that by the time each is processed every level of
-    /// its state arrived while earlier events were being worked on. Ids may be guesses (a
-    /// message key): a wrong one only wastes a load.
+    /// be processed, nearest first; the state of the first is loaded, the index entry of the
+    /// second's and the index bucket of the third's, so that by the time each is processed
+    /// every level of its state arrived while earlier events were being worked on. (Loading
+    /// the window buffers of the next event as well measured no faster.) Ids may be guesses
+    /// (a message key): a wrong one only wastes a load.
     pub fn warm<'a>(&self, upcoming: impl IntoIterator<Item = (u32, &'a str)>) {
         let mut upcoming = upcoming.into_iter();
         for level in 0..WARM_AHEAD {
@@ -284,9 +284,8 @@ impl Engine {
                 continue;
             };
             match level {
-                0 => part.entities.warm_heap(id),
-                1 => part.entities.warm_features(id),
-                2 => part.entities.warm_header(id),
+                0 => part.entities.warm_features(id),
+                1 => part.entities.warm_header(id),
                 _ => part.entities.warm_index(id),
             }
         }

@@ -461,18 +461,6 @@ impl EntityStore {
         }
     }
 
-    /// Starts loading what the features of the entity `id` probably is point to (feature
-    /// array loaded).
-    pub fn warm_heap(&self, id: &str) {
-        if let Some(entity) = self
-            .index
-            .probable_slot(id_hash(id))
-            .and_then(|slot| self.get(slot))
-        {
-            entity.prefetch();
-        }
-    }
-
     /// Starts loading the feature array of the entity `id` probably is (header loaded).
     pub fn warm_features(&self, id: &str) {
         if let Some(entity) = self
