@@ -378,13 +378,9 @@ impl Engine {
                 let Some(entity) = part.entities.get_mut(slot) else {
                     continue;
                 };
-                if pipeline
+                let expired = pipeline
                     .entity_ttl_ms
-                    .is_some_and(|ttl| w > entity.newest.saturating_add(ttl))
-                {
-                    part.entities.remove(slot);
-                    continue;
-                }
+                    .is_some_and(|ttl| w > entity.newest.saturating_add(ttl));
                 if w > entity.as_of {
                     entity.as_of = w;
                     for (state, feature) in entity.features.iter_mut().zip(features) {
@@ -407,6 +403,23 @@ impl Engine {
                         entity.emitted = hash;
                         sink.update(&entity.id, entity.as_of, &self.values);
                     }
+                }
+                // Expiry comes last: what the same watermark made due (decayed values, closed
+                // windows) is emitted first. With `on_window_close` an entity also outlives its
+                // TTL until every window holding its events has closed, so none is lost.
+                if expired {
+                    let pending = if clock.close_windows {
+                        entity.next_change(features, &clock, None)
+                    } else {
+                        None
+                    };
+                    match pending {
+                        Some(close) => part.schedule(slot, Some(close)),
+                        None => {
+                            part.entities.remove(slot);
+                        }
+                    }
+                    continue;
                 }
                 let due = entity.next_change(features, &clock, pipeline.entity_ttl_ms);
                 part.schedule(slot, due);

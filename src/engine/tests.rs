@@ -653,6 +653,77 @@ features:
 }
 
 #[test]
+fn expiry_comes_after_what_the_same_watermark_made_due() {
+    let text = |window: &str, emit: &str| {
+        format!(
+            r#"
+name: expiry
+source:
+  kafka: {{ brokers: "127.0.0.1:9092", topic: t, group_id: g }}
+  schema: {{ card: string, merchant: string, amount: float?, status: string, ts: timestamp }}
+  entity: card
+  event_time: ts
+features:
+  - {{ name: total, agg: sum, field: amount, window: {window} }}
+sinks:
+  kafka: {{ topic: o, emit: {emit} }}
+state: {{ entity_ttl: 1h }}
+"#
+        )
+    };
+    let hour = 3_600_000;
+    let ev = |card: u8, amount: f64, time: i64| Ev {
+        card,
+        merchant: 0,
+        amount: Some(amount),
+        declined: false,
+        time,
+    };
+    // on_update: card 1's 10-minute window empties and its TTL passes in one watermark step;
+    // its decayed value is still published before it is dropped.
+    let p = pipeline(&text("{ sliding: 10m }", "on_update"));
+    let mut engine = Engine::new(Arc::clone(&p));
+    engine.assign(0, 0);
+    let mut records = Vec::new();
+    engine.process(0, &ev(1, 5.0, 12 * hour).decoded(), 0, &mut records);
+    engine.process(0, &ev(2, 1.0, 14 * hour).decoded(), 0, &mut records);
+    assert_eq!(
+        records.last(),
+        Some(&Record::Update {
+            entity: "c1".into(),
+            as_of: 14 * hour,
+            values: vec![FeatureValue::Null],
+        })
+    );
+    assert!(engine.lookup("c1").is_none(), "c1 expired after its decay");
+    // on_window_close: card 1 expires (1 h TTL) long before its day window closes; the window
+    // is still emitted, and the entity goes once it has been.
+    let p = pipeline(&text("{ tumbling: 1d }", "on_window_close"));
+    let mut engine = Engine::new(Arc::clone(&p));
+    engine.assign(0, 0);
+    let mut records = Vec::new();
+    engine.process(0, &ev(1, 5.0, hour).decoded(), 0, &mut records);
+    engine.process(0, &ev(2, 1.0, 3 * hour).decoded(), 0, &mut records);
+    assert!(records.is_empty(), "{records:?}");
+    engine.process(0, &ev(2, 1.0, 24 * hour + 1).decoded(), 0, &mut records);
+    let closed: Vec<_> = records
+        .iter()
+        .map(|r| match r {
+            Record::WindowClosed { entity, value, .. } => (entity.as_str(), value.clone()),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        closed,
+        vec![
+            ("c1", FeatureValue::Float(5.0)),
+            ("c2", FeatureValue::Float(1.0))
+        ]
+    );
+    assert!(engine.lookup("c1").is_none(), "c1 expired once emitted");
+}
+
+#[test]
 fn an_idle_partition_stops_holding_the_watermark_back() {
     let text = r#"
 name: idle
