@@ -1163,7 +1163,7 @@ impl Compiler {
                         written: WindowWritten::Sliding,
                         ..
                     } => Some(
-                        "an exact sliding window closes every millisecond; give it a `step` to use `emit: on_window_close`"
+                        "a sliding window with a 1 ms step (exact, the default) closes every millisecond; give it a coarser `step` to use `emit: on_window_close`"
                             .to_string(),
                     ),
                     Window::Lifetime => Some(

@@ -175,7 +175,11 @@ fn windows_are_checked() {
     );
     let errs = errors(&VALID.replace("emit: on_update", "emit: on_window_close"));
     assert!(
-        has(&errs, "features[0].window", "exact sliding"),
+        has(
+            &errs,
+            "features[0].window",
+            "1 ms step (exact, the default)"
+        ),
         "{errs:#?}"
     );
     assert!(
