@@ -260,7 +260,12 @@ pub fn replay(
         let mut line = 0u64;
         while reader
             .next_line(&mut buf)
-            .with_context(|| format!("cannot read {}", input.display()))?
+            .with_context(|| {
+                format!(
+                    "cannot read {} after line {line} (the lines before it were processed; its outputs are incomplete)",
+                    input.display()
+                )
+            })?
         {
             line += 1;
             if buf.iter().all(u8::is_ascii_whitespace) {

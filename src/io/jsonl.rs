@@ -25,6 +25,8 @@ impl<R: Read> Read for CountingReader<R> {
 /// A JSONL source: lines as raw bytes, whatever their encoding.
 pub struct LineReader {
     reader: Box<dyn BufRead>,
+    /// Whether the next line is the first (which may start with a UTF-8 byte-order mark).
+    first: bool,
     bytes_read: Arc<AtomicU64>,
     pub total_bytes: u64,
 }
@@ -51,6 +53,7 @@ impl LineReader {
         };
         Ok(LineReader {
             reader,
+            first: true,
             bytes_read: count,
             total_bytes,
         })
@@ -72,6 +75,32 @@ impl LineReader {
                 buf.pop();
             }
         }
+        // Files saved by some Windows tools start with a byte-order mark; it is not part of
+        // the first event.
+        if std::mem::take(&mut self.first) && buf.starts_with(b"\xEF\xBB\xBF") {
+            buf.drain(..3);
+        }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_line() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bom.jsonl");
+        std::fs::write(&path, b"\xEF\xBB\xBF{\"a\":1}\r\n\xEF\xBB\xBF{\"a\":2}\n")
+            .expect("written");
+        let mut reader = LineReader::open(&path).expect("opens");
+        let mut line = Vec::new();
+        assert!(reader.next_line(&mut line).expect("reads"));
+        assert_eq!(line, b"{\"a\":1}");
+        // Only the file's first bytes are a mark; elsewhere they are the line's content.
+        assert!(reader.next_line(&mut line).expect("reads"));
+        assert_eq!(line, b"\xEF\xBB\xBF{\"a\":2}");
+        assert!(!reader.next_line(&mut line).expect("reads"));
     }
 }
