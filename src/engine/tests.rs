@@ -525,30 +525,45 @@ state: { entity_ttl: never }
     }
 }
 
-#[test]
-fn quiet_entity_decays_and_then_expires() {
-    let text = r#"
-name: ttl
+/// A pipeline over the test schema, keyed by card; `rest` holds its features, sinks and state.
+fn card_pipeline(name: &str, rest: &str) -> Arc<Pipeline> {
+    pipeline(&format!(
+        r#"
+name: {name}
 source:
-  kafka: { brokers: "127.0.0.1:9092", topic: t, group_id: g }
-  schema: { card: string, merchant: string, amount: float?, status: string, ts: timestamp }
+  kafka: {{ brokers: "127.0.0.1:9092", topic: t, group_id: g }}
+  schema: {{ card: string, merchant: string, amount: float?, status: string, ts: timestamp }}
   entity: card
   event_time: ts
+{rest}"#
+    ))
+}
+
+/// An approved payment of `amount` on card `card` at `time`.
+fn paid(card: u8, amount: f64, time: i64) -> Ev {
+    Ev {
+        card,
+        merchant: 0,
+        amount: Some(amount),
+        declined: false,
+        time,
+    }
+}
+
+#[test]
+fn quiet_entity_decays_and_then_expires() {
+    let p = card_pipeline(
+        "ttl",
+        r#"
 features:
   - { name: n, agg: count, window: { sliding: 10s } }
   - { name: total, agg: count, window: lifetime }
 state: { entity_ttl: 60s }
-"#;
-    let p = pipeline(text);
+"#,
+    );
     let mut engine = Engine::new(Arc::clone(&p));
     engine.assign(0, 0);
-    let ev = |card: u8, time: i64| Ev {
-        card,
-        merchant: 0,
-        amount: Some(1.0),
-        declined: false,
-        time,
-    };
+    let ev = |card: u8, time: i64| paid(card, 1.0, time);
     let mut records = Vec::new();
     engine.process(0, &ev(1, 0).decoded(), 0, &mut records);
     engine.process(0, &ev(2, 10_000).decoded(), 0, &mut records);
@@ -588,31 +603,21 @@ state: { entity_ttl: 60s }
 
 #[test]
 fn a_large_value_leaving_the_window_leaves_exact_spreads_and_sums() {
-    let text = r#"
-name: outlier
-source:
-  kafka: { brokers: "127.0.0.1:9092", topic: t, group_id: g }
-  schema: { card: string, merchant: string, amount: float?, status: string, ts: timestamp }
-  entity: card
-  event_time: ts
+    let p = card_pipeline(
+        "outlier",
+        r#"
 features:
   - { name: var, agg: variance, field: amount, window: { sliding: 10m } }
   - { name: sd_pop, agg: stddev_pop, field: amount, window: { sliding: 10m } }
   - { name: mean, agg: mean, field: amount, window: { sliding: 10m } }
   - { name: sum, agg: sum, field: amount, window: { sliding: 10m } }
   - { name: hop_var, agg: variance, field: amount, window: { hopping: 20m, step: 5m } }
-"#;
-    let p = pipeline(text);
+"#,
+    );
     let mut engine = Engine::new(Arc::clone(&p));
     engine.assign(0, 0);
     let minute = 60_000;
-    let ev = |amount: f64, time: i64| Ev {
-        card: 1,
-        merchant: 0,
-        amount: Some(amount),
-        declined: false,
-        time,
-    };
+    let ev = |amount: f64, time: i64| paid(1, amount, time);
     let mut records = Vec::new();
     for (amount, at) in [(1e8, 0), (0.1, 5), (0.2, 6), (0.3, 11)] {
         engine.process(0, &ev(amount, at * minute).decoded(), 0, &mut records);
@@ -657,12 +662,6 @@ fn expiry_comes_after_what_the_same_watermark_made_due() {
     let text = |window: &str, emit: &str| {
         format!(
             r#"
-name: expiry
-source:
-  kafka: {{ brokers: "127.0.0.1:9092", topic: t, group_id: g }}
-  schema: {{ card: string, merchant: string, amount: float?, status: string, ts: timestamp }}
-  entity: card
-  event_time: ts
 features:
   - {{ name: total, agg: sum, field: amount, window: {window} }}
 sinks:
@@ -672,16 +671,10 @@ state: {{ entity_ttl: 1h }}
         )
     };
     let hour = 3_600_000;
-    let ev = |card: u8, amount: f64, time: i64| Ev {
-        card,
-        merchant: 0,
-        amount: Some(amount),
-        declined: false,
-        time,
-    };
+    let ev = paid;
     // on_update: card 1's 10-minute window empties and its TTL passes in one watermark step;
     // its decayed value is still published before it is dropped.
-    let p = pipeline(&text("{ sliding: 10m }", "on_update"));
+    let p = card_pipeline("expiry", &text("{ sliding: 10m }", "on_update"));
     let mut engine = Engine::new(Arc::clone(&p));
     engine.assign(0, 0);
     let mut records = Vec::new();
@@ -698,7 +691,7 @@ state: {{ entity_ttl: 1h }}
     assert!(engine.lookup("c1").is_none(), "c1 expired after its decay");
     // on_window_close: card 1 expires (1 h TTL) long before its day window closes; the window
     // is still emitted, and the entity goes once it has been.
-    let p = pipeline(&text("{ tumbling: 1d }", "on_window_close"));
+    let p = card_pipeline("expiry", &text("{ tumbling: 1d }", "on_window_close"));
     let mut engine = Engine::new(Arc::clone(&p));
     engine.assign(0, 0);
     let mut records = Vec::new();
