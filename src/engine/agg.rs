@@ -75,7 +75,9 @@ pub struct Input<'v, 'a> {
 /// What one pane of a window keeps. Most aggregations keep their whole accumulator per pane;
 /// sums and moments keep plain sums (a pane holds few events), and the window's running total
 /// keeps the compensated ones.
-pub trait Part: std::fmt::Debug + Clone + Default + Serialize + for<'de> Deserialize<'de> {
+pub trait Part:
+    std::fmt::Debug + Clone + Default + Serialize + for<'de> Deserialize<'de> + Send + Sync + 'static
+{
     fn add(&mut self, input: &Input<'_, '_>);
     fn is_empty(&self) -> bool;
     fn heap_bytes(&self) -> usize {
@@ -103,7 +105,7 @@ macro_rules! whole_panes {
 }
 
 pub trait Accumulator:
-    std::fmt::Debug + Clone + Default + Serialize + for<'de> Deserialize<'de>
+    std::fmt::Debug + Clone + Default + Serialize + for<'de> Deserialize<'de> + Send + Sync + 'static
 {
     /// What a window's pane keeps for this aggregation.
     type Part: Part;

@@ -7,6 +7,7 @@
 //! State lives per input partition and can be snapshotted and restored partition by partition.
 
 pub mod agg;
+mod column;
 pub mod distinct;
 mod index;
 mod prefetch;
@@ -172,8 +173,17 @@ impl Engine {
 
     /// Starts owning an input partition with empty state.
     pub fn assign(&mut self, partition: u32, now_ms: i64) {
-        self.partitions.entry(partition).or_default();
+        if !self.partitions.contains_key(&partition) {
+            self.partitions.insert(partition, self.empty_partition());
+        }
         self.last_activity.insert(partition, now_ms);
+    }
+
+    fn empty_partition(&self) -> PartitionState {
+        PartitionState::new(
+            &self.pipeline.features,
+            self.pipeline.emit() == Emit::OnWindowClose,
+        )
     }
 
     /// Stops owning a partition and drops its state (snapshot it first to hand it over).
@@ -212,48 +222,52 @@ impl Engine {
         let clock = self.clock();
         let pipeline = Arc::clone(&self.pipeline);
         let features = &pipeline.features;
-        let part = self.partitions.entry(partition).or_default();
+        if !self.partitions.contains_key(&partition) {
+            self.partitions.insert(partition, self.empty_partition());
+        }
+        let Some(part) = self.partitions.get_mut(&partition) else {
+            return Outcome::Aggregated;
+        };
         let seq = part.next_seq;
         part.next_seq += 1;
 
         let slot = match part.entities.find(&event.entity) {
             Some(slot) => slot,
-            None => part.entities.insert(EntityState::new(
-                &event.entity,
-                time,
-                features,
-                clock.close_windows,
-            )),
+            None => part.entities.insert(EntityState::new(&event.entity, time)),
         };
-        let Some(entity) = part.entities.get_mut(slot) else {
+        part.entities.prefetch_heap(slot);
+        let Some((entity, columns)) = part.entities.entity_mut(slot) else {
             return Outcome::Aggregated;
         };
-        entity.prefetch();
         let as_of = entity.newest.max(time);
         entity.newest = as_of;
         entity.as_of = as_of;
-        for (state, feature) in entity.features.iter_mut().zip(features) {
-            state.set_as_of(feature, as_of);
-            if feature
+        for (column, feature) in columns.iter_mut().zip(features) {
+            let passes = feature
                 .filter
                 .as_ref()
-                .is_some_and(|f| !f.eval(&event.fields))
-            {
-                continue;
-            }
+                .is_none_or(|f| f.eval(&event.fields));
             let value = match feature.field {
-                Some(i) if event.fields[i].is_null() => continue,
-                Some(i) => &event.fields[i],
-                None => &Value::Null,
+                _ if !passes => None,
+                Some(i) if event.fields[i].is_null() => None,
+                Some(i) => Some(&event.fields[i]),
+                None => Some(&Value::Null),
             };
-            state.add(feature, &Input { value, time, seq });
+            let input = value.map(|value| Input { value, time, seq });
+            column.update(slot as usize, feature, as_of, input.as_ref());
         }
         if !clock.close_windows {
-            entity.values_into(features, clock.watermark, &mut self.values);
-            entity.emitted = hash_values(&self.values);
-            sink.update(&entity.id, as_of, &self.values);
+            part.entities
+                .values_into(slot, features, clock.watermark, &mut self.values);
+            let hash = hash_values(&self.values);
+            if let Some(entity) = part.entities.get_mut(slot) {
+                entity.emitted = hash;
+                sink.update(&entity.id, as_of, &self.values);
+            }
         }
-        let due = entity.next_change(features, &clock, pipeline.entity_ttl_ms);
+        let due = part
+            .entities
+            .next_change(slot, features, &clock, pipeline.entity_ttl_ms);
         part.schedule(slot, due);
 
         if part.max_event_time.is_none_or(|m| time > m) {
@@ -269,11 +283,11 @@ impl Engine {
 
     /// A hint with no effect on results: starts loading what processing the next events will
     /// touch. `upcoming` are the `(partition, entity id)` of the events after the one about to
-    /// be processed, nearest first; the state of the first is loaded, the index entry of the
-    /// second's and the index bucket of the third's, so that by the time each is processed
-    /// every level of its state arrived while earlier events were being worked on. (Loading
-    /// the window buffers of the next event as well measured no faster.) Ids may be guesses
-    /// (a message key): a wrong one only wastes a load.
+    /// be processed, nearest first: what the first's feature states keep on the heap is
+    /// loaded, the header and feature states of the second, and the index bucket of the
+    /// third, so that by the time each is processed every level of its state arrived while
+    /// earlier events were being worked on. Ids may be guesses (a message key): a wrong one
+    /// only wastes a load.
     pub fn warm<'a>(&self, upcoming: impl IntoIterator<Item = (u32, &'a str)>) {
         let mut upcoming = upcoming.into_iter();
         for level in 0..WARM_AHEAD {
@@ -284,8 +298,8 @@ impl Engine {
                 continue;
             };
             match level {
-                0 => part.entities.warm_features(id),
-                1 => part.entities.warm_header(id),
+                0 => part.entities.warm_heap(id),
+                1 => part.entities.warm_state(id),
                 _ => part.entities.warm_index(id),
             }
         }
@@ -364,18 +378,15 @@ impl Engine {
             }
             due_now.sort_unstable();
             for (i, &(_, slot)) in due_now.iter().enumerate() {
-                // A short software pipeline over the entities due: the header three ahead, the
-                // feature array two ahead, the window buffers of the next one.
-                if let Some(&(_, ahead)) = due_now.get(i + 3) {
-                    part.entities.prefetch_slot(ahead);
+                // A short software pipeline over the entities due: header and feature states
+                // two ahead, what those keep on the heap for the next one.
+                if let Some(&(_, ahead)) = due_now.get(i + 2) {
+                    part.entities.prefetch_state(ahead);
                 }
-                if let Some(e) = due_now.get(i + 2).and_then(|&(_, s)| part.entities.get(s)) {
-                    e.prefetch_features();
+                if let Some(&(_, next)) = due_now.get(i + 1) {
+                    part.entities.prefetch_heap(next);
                 }
-                if let Some(e) = due_now.get(i + 1).and_then(|&(_, s)| part.entities.get(s)) {
-                    e.prefetch();
-                }
-                let Some(entity) = part.entities.get_mut(slot) else {
+                let Some((entity, columns)) = part.entities.entity_mut(slot) else {
                     continue;
                 };
                 let expired = pipeline
@@ -383,23 +394,24 @@ impl Engine {
                     .is_some_and(|ttl| w > entity.newest.saturating_add(ttl));
                 if w > entity.as_of {
                     entity.as_of = w;
-                    for (state, feature) in entity.features.iter_mut().zip(features) {
-                        state.set_as_of(feature, w);
+                    for (column, feature) in columns.iter_mut().zip(features) {
+                        column.set_as_of(slot as usize, feature, w);
                     }
                 }
-                for (index, (state, feature)) in
-                    entity.features.iter_mut().zip(features).enumerate()
-                {
+                for (index, (column, feature)) in columns.iter_mut().zip(features).enumerate() {
                     self.closed.clear();
-                    state.on_watermark(feature, &clock, &mut self.closed);
+                    column.on_watermark(slot as usize, feature, &clock, &mut self.closed);
                     for (start, end, value) in &self.closed {
                         sink.window_closed(&entity.id, index, *start, *end, value);
                     }
                 }
                 if !clock.close_windows {
-                    entity.values_into(features, w, &mut self.values);
+                    part.entities
+                        .values_into(slot, features, w, &mut self.values);
                     let hash = hash_values(&self.values);
-                    if hash != entity.emitted {
+                    if let Some(entity) = part.entities.get_mut(slot)
+                        && hash != entity.emitted
+                    {
                         entity.emitted = hash;
                         sink.update(&entity.id, entity.as_of, &self.values);
                     }
@@ -409,7 +421,7 @@ impl Engine {
                 // TTL until every window holding its events has closed, so none is lost.
                 if expired {
                     let pending = if clock.close_windows {
-                        entity.next_change(features, &clock, None)
+                        part.entities.next_change(slot, features, &clock, None)
                     } else {
                         None
                     };
@@ -421,7 +433,9 @@ impl Engine {
                     }
                     continue;
                 }
-                let due = entity.next_change(features, &clock, pipeline.entity_ttl_ms);
+                let due = part
+                    .entities
+                    .next_change(slot, features, &clock, pipeline.entity_ttl_ms);
                 part.schedule(slot, due);
             }
         }
@@ -437,7 +451,8 @@ impl Engine {
             if let Some(slot) = part.entities.find(entity) {
                 let state = part.entities.get(slot)?;
                 let mut values = Vec::with_capacity(features.len());
-                state.values_into(features, self.watermark, &mut values);
+                part.entities
+                    .values_into(slot, features, self.watermark, &mut values);
                 return Some((state.as_of.max(self.watermark), values));
             }
         }
@@ -449,8 +464,9 @@ impl Engine {
         let features = &self.pipeline.features;
         let mut values = Vec::with_capacity(features.len());
         for part in self.partitions.values() {
-            for (_, state) in part.entities.iter() {
-                state.values_into(features, self.watermark, &mut values);
+            for (slot, state) in part.entities.iter() {
+                part.entities
+                    .values_into(slot, features, self.watermark, &mut values);
                 visit(&state.id, state.as_of.max(self.watermark), &values);
             }
         }
@@ -475,10 +491,8 @@ impl Engine {
     pub fn feature_bytes(&self) -> Vec<usize> {
         let mut bytes = vec![0; self.pipeline.features.len()];
         for part in self.partitions.values() {
-            for (_, entity) in part.entities.iter() {
-                for (total, feature) in bytes.iter_mut().zip(entity.features.iter()) {
-                    *total += std::mem::size_of::<state::FeatureState>() + feature.heap_bytes();
-                }
+            for (total, feature) in bytes.iter_mut().zip(part.entities.feature_bytes()) {
+                *total += feature;
             }
         }
         bytes
@@ -488,7 +502,7 @@ impl Engine {
     pub fn snapshot_partition(&self, partition: u32) -> Result<Vec<u8>, SnapshotError> {
         match self.partitions.get(&partition) {
             Some(part) => part.snapshot(),
-            None => PartitionState::default().snapshot(),
+            None => self.empty_partition().snapshot(),
         }
     }
 
@@ -500,15 +514,14 @@ impl Engine {
         bytes: &[u8],
         now_ms: i64,
     ) -> Result<(), SnapshotError> {
-        let mut part = PartitionState::restore(bytes)?;
         let clock = self.clock();
         let features = &self.pipeline.features;
+        let mut part = PartitionState::restore(bytes, features, clock.close_windows)?;
         let slots: Vec<u32> = part.entities.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
-            let due = part
-                .entities
-                .get(slot)
-                .and_then(|e| e.next_change(features, &clock, self.pipeline.entity_ttl_ms));
+            let due =
+                part.entities
+                    .next_change(slot, features, &clock, self.pipeline.entity_ttl_ms);
             part.schedule(slot, due);
         }
         self.partitions.insert(partition, part);

@@ -1,9 +1,10 @@
-//! Per-entity feature state, the entity store of one input partition, and its snapshots.
+//! The entity store of one input partition (entity headers, an index by id, and the feature
+//! columns) and its snapshots.
 //!
 //! State is partitioned by input partition so that a partition's entities can be snapshotted,
-//! restored and handed to another instance on their own. Each feature's state is one
-//! [`FeatureState`] variant per accumulator type: adding an aggregation is a compile error until
-//! every match here handles it.
+//! restored and handed to another instance on their own. An entity is a slot number: its
+//! header lives in the slot vector, and each feature's state at the same slot of that feature's
+//! column (see `column.rs`).
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -11,21 +12,11 @@ use compact_str::CompactString;
 use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
 
-use super::agg::*;
-use super::distinct::RecentDistinct;
+use super::agg::FeatureValue;
+use super::column::{Column, column_for, min_opt};
 use super::index::SlotIndex;
 use super::timers::TimerQueue;
-use super::window::{Panes, Sessions, floor_div};
-use crate::config::{Feature, Window};
-
-/// The window state of one feature, for one accumulator type.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(bound = "")]
-pub enum Slot<A: Accumulator> {
-    Panes(Panes<A>),
-    Sessions(Sessions<A>),
-    Lifetime(A),
-}
+use crate::config::Feature;
 
 /// Where time stands for an entity while its state is updated.
 #[derive(Debug, Clone, Copy)]
@@ -40,277 +31,7 @@ pub struct Clock {
 /// A window-close result: window start, end and the value.
 pub type Closed = (i64, i64, FeatureValue);
 
-impl<A: Accumulator> Slot<A> {
-    fn new(feature: &Feature) -> Self {
-        match feature.window {
-            Window::Hopping { .. } => Slot::Panes(Panes::default()),
-            Window::Session { .. } => Slot::Sessions(Sessions::default()),
-            Window::Lifetime => Slot::Lifetime(A::default()),
-        }
-    }
-
-    fn set_as_of(&mut self, feature: &Feature, as_of: i64) {
-        if let (
-            Slot::Panes(panes),
-            Window::Hopping {
-                size_ms, step_ms, ..
-            },
-        ) = (self, feature.window)
-        {
-            panes.set_running_from(floor_div(as_of, step_ms) - size_ms / step_ms + 1);
-        }
-    }
-
-    fn add(&mut self, feature: &Feature, input: &Input<'_, '_>) {
-        match (self, feature.window) {
-            (Slot::Panes(panes), Window::Hopping { step_ms, .. }) => {
-                panes.add(floor_div(input.time, step_ms), input)
-            }
-            (Slot::Sessions(sessions), Window::Session { gap_ms }) => {
-                sessions.add(input.time, gap_ms, input)
-            }
-            (Slot::Lifetime(acc), _) => acc.add(input),
-            _ => {}
-        }
-    }
-
-    fn value(&self, feature: &Feature, watermark: i64) -> FeatureValue {
-        let out = |acc: &A| acc.output(feature.agg, feature.value_type);
-        match (self, feature.window) {
-            (Slot::Panes(panes), _) => out(panes.running()),
-            (Slot::Sessions(sessions), Window::Session { gap_ms }) => sessions
-                .open(watermark, gap_ms)
-                .map_or_else(|| out(&A::default()), out),
-            (Slot::Lifetime(acc), _) => out(acc),
-            (Slot::Sessions(_), _) => out(&A::default()),
-        }
-    }
-
-    /// Closes what the watermark has passed and drops what can no longer matter.
-    fn on_watermark(&mut self, feature: &Feature, clock: &Clock, closed: &mut Vec<Closed>) {
-        let out = |acc: &A| acc.output(feature.agg, feature.value_type);
-        match (self, feature.window) {
-            (
-                Slot::Panes(panes),
-                Window::Hopping {
-                    size_ms, step_ms, ..
-                },
-            ) => {
-                let n = size_ms / step_ms;
-                let horizon = clock.watermark.saturating_sub(clock.lateness);
-                if clock.close_windows {
-                    panes.close_windows(
-                        n,
-                        step_ms,
-                        |end| clock.watermark > end.saturating_add(clock.lateness),
-                        |start, end, acc| {
-                            closed.push((start, end, out(acc)));
-                        },
-                    );
-                }
-                // Future events are at or after `horizon`, so no as-of time can reach further back.
-                let mut keep_from = floor_div(horizon, step_ms).saturating_sub(n - 1);
-                if clock.close_windows {
-                    keep_from = keep_from.min(panes.closed_before());
-                }
-                panes.evict_below(keep_from);
-            }
-            (Slot::Sessions(sessions), Window::Session { gap_ms }) => {
-                sessions.finish(clock.watermark, gap_ms, clock.lateness, |s| {
-                    if clock.close_windows {
-                        closed.push((s.start, s.last.saturating_add(gap_ms), out(&s.acc)));
-                    }
-                });
-            }
-            _ => {}
-        }
-    }
-
-    /// The next watermark at which this state changes by time alone.
-    fn next_change(&self, feature: &Feature, clock: &Clock) -> Option<i64> {
-        match (self, feature.window) {
-            (
-                Slot::Panes(panes),
-                Window::Hopping {
-                    size_ms, step_ms, ..
-                },
-            ) => {
-                let n = size_ms / step_ms;
-                let leaves = panes
-                    .oldest_running()
-                    .map(|q| (q + n).saturating_mul(step_ms));
-                let closes = if clock.close_windows {
-                    panes.next_window_to_close(n).map(|s| {
-                        (s + n)
-                            .saturating_mul(step_ms)
-                            .saturating_add(clock.lateness)
-                            .saturating_add(1)
-                    })
-                } else {
-                    None
-                };
-                min_opt(leaves, closes)
-            }
-            (Slot::Sessions(sessions), Window::Session { gap_ms }) => {
-                sessions.next_change(clock.watermark, gap_ms, clock.lateness)
-            }
-            _ => None,
-        }
-    }
-
-    /// True when nothing is held that a future record could depend on.
-    fn is_empty(&self) -> bool {
-        match self {
-            Slot::Panes(p) => p.is_empty(),
-            Slot::Sessions(s) => s.is_empty(),
-            Slot::Lifetime(a) => a.is_empty(),
-        }
-    }
-
-    fn prefetch(&self) {
-        match self {
-            Slot::Panes(p) => p.prefetch(),
-            Slot::Sessions(s) => s.prefetch(),
-            Slot::Lifetime(a) => a.prefetch(),
-        }
-    }
-
-    fn heap_bytes(&self) -> usize {
-        match self {
-            Slot::Panes(p) => p.heap_bytes(),
-            Slot::Sessions(s) => s.heap_bytes(),
-            Slot::Lifetime(a) => a.heap_bytes(),
-        }
-    }
-}
-
-fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum FeatureState {
-    Count(Slot<CountAcc>),
-    SumInt(Slot<SumIntAcc>),
-    SumFloat(Slot<SumFloatAcc>),
-    Moments(Slot<MomentsAcc>),
-    Min(Slot<ExtremeAcc<false>>),
-    Max(Slot<ExtremeAcc<true>>),
-    First(Slot<EdgeAcc<false>>),
-    Last(Slot<EdgeAcc<true>>),
-    Distinct(Slot<DistinctAcc>),
-    Sketch(Slot<SketchAcc>),
-    /// A distinct count over hopping windows with `emit: on_update` (see `distinct.rs`).
-    RecentDistinct(RecentDistinct),
-}
-
-/// Runs `$body` with `$slot` bound to the state's slot, whatever its accumulator type, or
-/// `$other` with `$recent` bound to a [`RecentDistinct`].
-macro_rules! with_slot {
-    ($state:expr, $slot:ident => $body:expr, $recent:ident => $other:expr) => {
-        match $state {
-            FeatureState::RecentDistinct($recent) => $other,
-            FeatureState::Count($slot) => $body,
-            FeatureState::SumInt($slot) => $body,
-            FeatureState::SumFloat($slot) => $body,
-            FeatureState::Moments($slot) => $body,
-            FeatureState::Min($slot) => $body,
-            FeatureState::Max($slot) => $body,
-            FeatureState::First($slot) => $body,
-            FeatureState::Last($slot) => $body,
-            FeatureState::Distinct($slot) => $body,
-            FeatureState::Sketch($slot) => $body,
-        }
-    };
-}
-
-impl FeatureState {
-    /// The empty state of `feature`; `close_windows` is whether closed windows are emitted.
-    pub fn new(feature: &Feature, close_windows: bool) -> Self {
-        use crate::config::{Agg, ValueType};
-        match feature.agg {
-            Agg::DistinctCount
-                if !close_windows && matches!(feature.window, Window::Hopping { .. }) =>
-            {
-                FeatureState::RecentDistinct(RecentDistinct::default())
-            }
-            Agg::Count => FeatureState::Count(Slot::new(feature)),
-            Agg::Sum if feature.value_type == ValueType::Int => {
-                FeatureState::SumInt(Slot::new(feature))
-            }
-            Agg::Sum => FeatureState::SumFloat(Slot::new(feature)),
-            Agg::Mean | Agg::Stddev | Agg::Variance | Agg::StddevPop | Agg::VariancePop => {
-                FeatureState::Moments(Slot::new(feature))
-            }
-            Agg::Min => FeatureState::Min(Slot::new(feature)),
-            Agg::Max => FeatureState::Max(Slot::new(feature)),
-            Agg::First => FeatureState::First(Slot::new(feature)),
-            Agg::Last => FeatureState::Last(Slot::new(feature)),
-            Agg::DistinctCount => FeatureState::Distinct(Slot::new(feature)),
-            Agg::Percentile(_) => FeatureState::Sketch(Slot::new(feature)),
-        }
-    }
-
-    pub fn set_as_of(&mut self, feature: &Feature, as_of: i64) {
-        with_slot!(self, slot => slot.set_as_of(feature, as_of), d => {
-            if let Window::Hopping { size_ms, step_ms, .. } = feature.window {
-                d.set_running_from(floor_div(as_of, step_ms) - size_ms / step_ms + 1);
-            }
-        })
-    }
-
-    pub fn add(&mut self, feature: &Feature, input: &Input<'_, '_>) {
-        with_slot!(self, slot => slot.add(feature, input), d => {
-            if let Window::Hopping { step_ms, .. } = feature.window {
-                d.add(floor_div(input.time, step_ms), input);
-            }
-        })
-    }
-
-    pub fn value(&self, feature: &Feature, watermark: i64) -> FeatureValue {
-        with_slot!(self, slot => slot.value(feature, watermark), d => {
-            FeatureValue::Int(i64::try_from(d.count()).unwrap_or(i64::MAX))
-        })
-    }
-
-    pub fn on_watermark(&mut self, feature: &Feature, clock: &Clock, closed: &mut Vec<Closed>) {
-        with_slot!(self, slot => slot.on_watermark(feature, clock, closed), d => {
-            if let Window::Hopping { size_ms, step_ms, .. } = feature.window {
-                // As for panes: future events are at or after the horizon.
-                let horizon = clock.watermark.saturating_sub(clock.lateness);
-                d.evict_below(floor_div(horizon, step_ms).saturating_sub(size_ms / step_ms - 1));
-            }
-        })
-    }
-
-    pub fn next_change(&self, feature: &Feature, clock: &Clock) -> Option<i64> {
-        with_slot!(self, slot => slot.next_change(feature, clock), d => {
-            match feature.window {
-                Window::Hopping { size_ms, step_ms, .. } => d
-                    .oldest_running()
-                    .map(|q| (q + size_ms / step_ms).saturating_mul(step_ms)),
-                _ => None,
-            }
-        })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        with_slot!(self, slot => slot.is_empty(), d => d.is_empty())
-    }
-
-    pub fn heap_bytes(&self) -> usize {
-        with_slot!(self, slot => slot.heap_bytes(), d => d.heap_bytes())
-    }
-
-    pub fn prefetch(&self) {
-        with_slot!(self, slot => slot.prefetch(), d => d.prefetch())
-    }
-}
-
-/// Everything kept for one entity in one partition.
+/// What is kept for one entity besides its feature states.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EntityState {
     /// Ids up to 24 bytes are stored inline, which saves a cache miss per look-up.
@@ -321,7 +42,6 @@ pub struct EntityState {
     pub as_of: i64,
     /// Hash of the last emitted feature values, to emit time-driven records only on change.
     pub emitted: u64,
-    pub features: Box<[FeatureState]>,
     /// When time next changes this entity ([`NEVER`]: never); rebuilt on restore.
     #[serde(skip, default = "never")]
     pub due: i64,
@@ -338,75 +58,23 @@ fn never() -> i64 {
 }
 
 impl EntityState {
-    pub fn new(id: &str, time: i64, features: &[Feature], close_windows: bool) -> Self {
+    pub fn new(id: &str, time: i64) -> Self {
         EntityState {
             id: CompactString::from(id),
             newest: time,
             as_of: time,
             emitted: 0,
-            features: features
-                .iter()
-                .map(|f| FeatureState::new(f, close_windows))
-                .collect(),
             due: NEVER,
             queued: NEVER,
         }
     }
 
-    /// Starts loading every allocation the entity's features own, so that the cache misses of
-    /// a cold entity overlap rather than come one after another.
-    pub fn prefetch(&self) {
-        for state in self.features.iter() {
-            state.prefetch();
+    fn id_heap_bytes(&self) -> usize {
+        if self.id.is_heap_allocated() {
+            self.id.len()
+        } else {
+            0
         }
-    }
-
-    /// Starts loading the feature array (not what it points to).
-    pub fn prefetch_features(&self) {
-        let bytes = std::mem::size_of_val(&*self.features);
-        let base = self.features.as_ptr().cast::<u8>();
-        for offset in (0..bytes).step_by(64) {
-            super::prefetch::prefetch(base.wrapping_add(offset));
-        }
-    }
-
-    pub fn values_into(&self, features: &[Feature], watermark: i64, out: &mut Vec<FeatureValue>) {
-        out.clear();
-        out.extend(
-            self.features
-                .iter()
-                .zip(features)
-                .map(|(state, f)| state.value(f, watermark)),
-        );
-    }
-
-    /// Next watermark at which time alone changes this entity, TTL expiry included.
-    pub fn next_change(
-        &self,
-        features: &[Feature],
-        clock: &Clock,
-        ttl: Option<i64>,
-    ) -> Option<i64> {
-        let mut due = ttl.map(|ttl| self.newest.saturating_add(ttl).saturating_add(1));
-        for (state, feature) in self.features.iter().zip(features) {
-            due = min_opt(due, state.next_change(feature, clock));
-        }
-        due
-    }
-
-    pub fn bytes(&self) -> usize {
-        std::mem::size_of::<EntityState>()
-            + if self.id.is_heap_allocated() {
-                self.id.len()
-            } else {
-                0
-            }
-            + self.features.len() * std::mem::size_of::<FeatureState>()
-            + self
-                .features
-                .iter()
-                .map(FeatureState::heap_bytes)
-                .sum::<usize>()
     }
 }
 
@@ -418,15 +86,19 @@ pub fn hash_values(values: &[FeatureValue]) -> u64 {
     h.finish()
 }
 
-/// The entities of one partition: a slab of states and an index by id that stores only slot
-/// numbers (the id lives once, in the state).
-#[derive(Debug, Default)]
+/// The entities of one partition: a slab of headers, one column per feature at the same slot
+/// numbers, and an index by id that stores only slot numbers (the id lives once, in the header).
+#[derive(Debug)]
 pub struct EntityStore {
     slots: Vec<Option<EntityState>>,
+    columns: Vec<Box<dyn Column>>,
     free: Vec<u32>,
     index: SlotIndex,
     live: usize,
 }
+
+/// The fewest slots the store grows by at a time.
+const GROW_AT_LEAST: usize = 64;
 
 fn id_hash(id: &str) -> u64 {
     // FxHash is fast on short ids; a final mix spreads its bits over both the bucket (low
@@ -438,6 +110,20 @@ fn id_hash(id: &str) -> u64 {
 }
 
 impl EntityStore {
+    /// An empty store for entities with `features`.
+    pub fn new(features: &[Feature], close_windows: bool) -> Self {
+        EntityStore {
+            slots: Vec::new(),
+            columns: features
+                .iter()
+                .map(|f| column_for(f, close_windows))
+                .collect(),
+            free: Vec::new(),
+            index: SlotIndex::default(),
+            live: 0,
+        }
+    }
+
     pub fn find(&self, id: &str) -> Option<u32> {
         self.index.find(id_hash(id), |i| {
             self.slots
@@ -454,21 +140,19 @@ impl EntityStore {
         }
     }
 
-    /// Starts loading the state header of the entity `id` probably is (index already loaded).
-    pub fn warm_header(&self, id: &str) {
+    /// Starts loading the header and the feature states of the entity `id` probably is (its
+    /// index bucket already loaded): all their addresses follow from the slot number.
+    pub fn warm_state(&self, id: &str) {
         if let Some(slot) = self.index.probable_slot(id_hash(id)) {
-            self.prefetch_slot(slot);
+            self.prefetch_state(slot);
         }
     }
 
-    /// Starts loading the feature array of the entity `id` probably is (header loaded).
-    pub fn warm_features(&self, id: &str) {
-        if let Some(entity) = self
-            .index
-            .probable_slot(id_hash(id))
-            .and_then(|slot| self.get(slot))
-        {
-            entity.prefetch_features();
+    /// Starts loading what the feature states of the entity `id` probably is keep on the
+    /// heap (the states themselves already loaded).
+    pub fn warm_heap(&self, id: &str) {
+        if let Some(slot) = self.index.probable_slot(id_hash(id)) {
+            self.prefetch_heap(slot);
         }
     }
 
@@ -480,7 +164,13 @@ impl EntityStore {
                 i
             }
             None => {
+                if self.slots.len() == self.slots.capacity() {
+                    self.grow();
+                }
                 self.slots.push(Some(state));
+                for column in &mut self.columns {
+                    column.push_empty();
+                }
                 (self.slots.len() - 1) as u32
             }
         };
@@ -495,9 +185,23 @@ impl EntityStore {
         slot
     }
 
+    /// Grows the slots and every column by an eighth rather than doubling: the columns are
+    /// the bulk of the state, and doubling would leave a quarter of it unused on average.
+    /// Growth stays amortised O(1).
+    fn grow(&mut self) {
+        let additional = (self.slots.len() / 8).max(GROW_AT_LEAST);
+        self.slots.reserve_exact(additional);
+        for column in &mut self.columns {
+            column.reserve_exact(additional);
+        }
+    }
+
     pub fn remove(&mut self, slot: u32) -> Option<EntityState> {
         let state = self.slots.get_mut(slot as usize)?.take()?;
         self.index.remove(id_hash(&state.id), slot);
+        for column in &mut self.columns {
+            column.reset(slot as usize);
+        }
         self.free.push(slot);
         self.live -= 1;
         Some(state)
@@ -507,15 +211,69 @@ impl EntityStore {
         self.slots.get(slot as usize)?.as_ref()
     }
 
-    /// Starts loading a slot's entity header without reading it.
-    pub fn prefetch_slot(&self, slot: u32) {
+    pub fn get_mut(&mut self, slot: u32) -> Option<&mut EntityState> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// An entity's header and the feature columns, to update its features at `slot`.
+    pub fn entity_mut(&mut self, slot: u32) -> Option<(&mut EntityState, &mut [Box<dyn Column>])> {
+        let header = self.slots.get_mut(slot as usize)?.as_mut()?;
+        Some((header, &mut self.columns))
+    }
+
+    pub fn columns(&self) -> &[Box<dyn Column>] {
+        &self.columns
+    }
+
+    /// Starts loading a slot's header and feature states without reading them.
+    pub fn prefetch_state(&self, slot: u32) {
         if let Some(entry) = self.slots.get(slot as usize) {
             super::prefetch::prefetch(entry);
         }
+        for column in &self.columns {
+            column.prefetch_state(slot as usize);
+        }
     }
 
-    pub fn get_mut(&mut self, slot: u32) -> Option<&mut EntityState> {
-        self.slots.get_mut(slot as usize)?.as_mut()
+    /// Starts loading what a slot's feature states keep on the heap, so that the cache misses
+    /// of a cold entity overlap rather than come one after another.
+    pub fn prefetch_heap(&self, slot: u32) {
+        for column in &self.columns {
+            column.prefetch_heap(slot as usize);
+        }
+    }
+
+    /// Every feature value of the entity at `slot`, as of `watermark` (sessions need it).
+    pub fn values_into(
+        &self,
+        slot: u32,
+        features: &[Feature],
+        watermark: i64,
+        out: &mut Vec<FeatureValue>,
+    ) {
+        out.clear();
+        out.extend(
+            self.columns
+                .iter()
+                .zip(features)
+                .map(|(column, f)| column.value(slot as usize, f, watermark)),
+        );
+    }
+
+    /// Next watermark at which time alone changes the entity at `slot`, TTL expiry included.
+    pub fn next_change(
+        &self,
+        slot: u32,
+        features: &[Feature],
+        clock: &Clock,
+        ttl: Option<i64>,
+    ) -> Option<i64> {
+        let entity = self.get(slot)?;
+        let mut due = ttl.map(|ttl| entity.newest.saturating_add(ttl).saturating_add(1));
+        for (column, feature) in self.columns.iter().zip(features) {
+            due = min_opt(due, column.next_change(slot as usize, feature, clock));
+        }
+        due
     }
 
     pub fn len(&self) -> usize {
@@ -533,18 +291,36 @@ impl EntityStore {
             .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
     }
 
+    /// Bytes of each feature's state summed over live entities, in pipeline order.
+    pub fn feature_bytes(&self) -> Vec<usize> {
+        self.columns
+            .iter()
+            .map(|column| {
+                self.iter()
+                    .map(|(slot, _)| column.slot_bytes(slot as usize))
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// Everything the store holds: headers, index, and every slot of every column (free and
+    /// spare slots included, since their memory is held too).
     pub fn bytes(&self) -> usize {
+        let slot_count = self.slots.len();
         self.slots.capacity() * std::mem::size_of::<Option<EntityState>>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
             + self.index.heap_bytes()
+            + self.iter().map(|(_, e)| e.id_heap_bytes()).sum::<usize>()
             + self
+                .columns
                 .iter()
-                .map(|(_, e)| e.bytes() - std::mem::size_of::<EntityState>())
+                .map(|c| c.spare_bytes() + (0..slot_count).map(|s| c.slot_bytes(s)).sum::<usize>())
                 .sum::<usize>()
     }
 }
 
 /// The state of one input partition: its entities, their timers and its event-time progress.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PartitionState {
     pub entities: EntityStore,
     /// `(due, slot)`; an entry is live only when it matches the entity's `queued`.
@@ -556,6 +332,16 @@ pub struct PartitionState {
 }
 
 impl PartitionState {
+    /// An empty partition for entities with `features`.
+    pub fn new(features: &[Feature], close_windows: bool) -> Self {
+        PartitionState {
+            entities: EntityStore::new(features, close_windows),
+            timers: TimerQueue::default(),
+            max_event_time: None,
+            next_seq: 0,
+        }
+    }
+
     /// Records when time next changes an entity, queueing a timer only if it is earlier than
     /// the one already queued (a later one is re-queued when the earlier fires).
     pub fn schedule(&mut self, slot: u32, due: Option<i64>) {
@@ -572,10 +358,12 @@ impl PartitionState {
     }
 }
 
-/// Format 3: a header, then the slots in chunks encoded (and decoded) on parallel threads.
-/// Format 3 added the rounding budget of float sums and moments to window totals; the entity
-/// layout of formats 1 and 2 differs and they are refused with an error that says so.
-const SNAPSHOT_VERSION: u32 = 3;
+/// Format 4: a header, then the slots in chunks encoded (and decoded) on parallel threads. A
+/// chunk is, for each slot in order, its header (`None` for a free slot) followed, for a live
+/// entity, by each feature's state in pipeline order. Format 4 stores feature states by their
+/// own type rather than as one tagged kind; formats 1 to 3 hold earlier entity layouts and
+/// are refused with an error that says so.
+const SNAPSHOT_VERSION: u32 = 4;
 
 /// Slots per chunk at least: below this, threads cost more than they save.
 const MIN_CHUNK: usize = 8192;
@@ -598,14 +386,6 @@ struct SnapshotHeader {
     next_seq: u64,
     free: Vec<u32>,
     chunks: Vec<u64>,
-}
-
-/// A decoded snapshot, before its entities are indexed.
-struct DecodedSnapshot {
-    max_event_time: Option<i64>,
-    next_seq: u64,
-    slots: Vec<Option<EntityState>>,
-    free: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -654,14 +434,68 @@ fn chunk_len(slots: usize) -> usize {
     slots.div_ceil(cores.clamp(1, 8)).max(MIN_CHUNK)
 }
 
+/// The slots of one decoded chunk and their feature states, column by column.
+struct DecodedChunk {
+    slots: Vec<Option<EntityState>>,
+    columns: Vec<Box<dyn Column>>,
+}
+
+impl EntityStore {
+    /// Encodes the slots in `range`: each header, then a live entity's feature states.
+    fn encode_slots(&self, range: &std::ops::Range<usize>) -> Result<Vec<u8>, postcard::Error> {
+        let mut out = Vec::new();
+        for slot in range.clone() {
+            let Some(header) = self.slots.get(slot) else {
+                break;
+            };
+            out = postcard::to_extend(header, out)?;
+            if header.is_some() {
+                for column in &self.columns {
+                    out = column.encode(slot, out)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decodes one chunk written by [`EntityStore::encode_slots`] into columns like this
+    /// store's.
+    fn decode_slots(&self, mut bytes: &[u8]) -> Result<DecodedChunk, SnapshotError> {
+        let mut chunk = DecodedChunk {
+            slots: Vec::new(),
+            columns: self.columns.iter().map(|c| c.empty_like()).collect(),
+        };
+        while !bytes.is_empty() {
+            let (header, rest) = postcard::take_from_bytes::<Option<EntityState>>(bytes)
+                .map_err(SnapshotError::Decode)?;
+            bytes = rest;
+            let live = header.is_some();
+            chunk.slots.push(header);
+            for column in &mut chunk.columns {
+                if live {
+                    bytes = column.decode_push(bytes).map_err(SnapshotError::Decode)?;
+                } else {
+                    column.push_empty();
+                }
+            }
+        }
+        Ok(chunk)
+    }
+}
+
 impl PartitionState {
     /// Serialises the partition (entities, slot numbers, event-time progress). Timers are not
     /// stored: they are a function of the state and are rebuilt on restore. The service waits
     /// for this at every checkpoint, so the slots are encoded in chunks on parallel threads.
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
-        let slots = &self.entities.slots;
-        let ranges: Vec<&[Option<EntityState>]> = slots.chunks(chunk_len(slots.len())).collect();
-        let encoded = in_parallel(&ranges, postcard::to_allocvec);
+        let store = &self.entities;
+        let slot_count = store.slots.len();
+        let step = chunk_len(slot_count);
+        let ranges: Vec<std::ops::Range<usize>> = (0..slot_count)
+            .step_by(step)
+            .map(|start| start..(start + step).min(slot_count))
+            .collect();
+        let encoded = in_parallel(&ranges, |range| store.encode_slots(range));
         let chunks = encoded
             .into_iter()
             .collect::<Result<Vec<Vec<u8>>, _>>()
@@ -671,7 +505,7 @@ impl PartitionState {
             version: SNAPSHOT_VERSION,
             max_event_time: self.max_event_time,
             next_seq: self.next_seq,
-            free: &self.entities.free,
+            free: &store.free,
             chunks: &lengths,
         };
         let mut out = postcard::to_allocvec(&header).map_err(SnapshotError::Encode)?;
@@ -682,57 +516,52 @@ impl PartitionState {
         Ok(out)
     }
 
-    /// Restores a snapshot; the caller re-schedules timers (they depend on the pipeline).
-    pub fn restore(bytes: &[u8]) -> Result<PartitionState, SnapshotError> {
+    /// Restores a snapshot taken with the same `features`; the caller re-schedules timers
+    /// (they depend on the pipeline).
+    pub fn restore(
+        bytes: &[u8],
+        features: &[Feature],
+        close_windows: bool,
+    ) -> Result<PartitionState, SnapshotError> {
         let (version, _) =
             postcard::take_from_bytes::<u32>(bytes).map_err(SnapshotError::Decode)?;
-        let snapshot = match version {
-            1 | 2 => return Err(SnapshotError::Outdated { found: version }),
-            SNAPSHOT_VERSION => {
-                let (header, mut rest) = postcard::take_from_bytes::<SnapshotHeader>(bytes)
-                    .map_err(SnapshotError::Decode)?;
-                let mut parts = Vec::with_capacity(header.chunks.len());
-                for &len in &header.chunks {
-                    let len = usize::try_from(len)
-                        .ok()
-                        .filter(|&l| l <= rest.len())
-                        .ok_or(SnapshotError::Damaged("a chunk runs past the end"))?;
-                    let (part, tail) = rest.split_at(len);
-                    parts.push(part);
-                    rest = tail;
-                }
-                if !rest.is_empty() {
-                    return Err(SnapshotError::Damaged("bytes after the last chunk"));
-                }
-                let decoded = in_parallel(&parts, |part| {
-                    postcard::from_bytes::<Vec<Option<EntityState>>>(part)
-                });
-                let mut slots = Vec::new();
-                for chunk in decoded {
-                    slots.extend(chunk.map_err(SnapshotError::Decode)?);
-                }
-                DecodedSnapshot {
-                    max_event_time: header.max_event_time,
-                    next_seq: header.next_seq,
-                    slots,
-                    free: header.free,
-                }
-            }
+        match version {
+            1..=3 => return Err(SnapshotError::Outdated { found: version }),
+            SNAPSHOT_VERSION => {}
             found => return Err(SnapshotError::Version { found }),
-        };
-        if snapshot
+        }
+        let (header, mut rest) =
+            postcard::take_from_bytes::<SnapshotHeader>(bytes).map_err(SnapshotError::Decode)?;
+        let mut parts = Vec::with_capacity(header.chunks.len());
+        for &len in &header.chunks {
+            let len = usize::try_from(len)
+                .ok()
+                .filter(|&l| l <= rest.len())
+                .ok_or(SnapshotError::Damaged("a chunk runs past the end"))?;
+            let (part, tail) = rest.split_at(len);
+            parts.push(part);
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(SnapshotError::Damaged("bytes after the last chunk"));
+        }
+        let mut store = EntityStore::new(features, close_windows);
+        let decoded = in_parallel(&parts, |part| store.decode_slots(part));
+        for chunk in decoded {
+            let chunk = chunk?;
+            store.slots.extend(chunk.slots);
+            for (column, part) in store.columns.iter_mut().zip(chunk.columns) {
+                column.append(part);
+            }
+        }
+        if header
             .free
             .iter()
-            .any(|&f| snapshot.slots.get(f as usize).is_none_or(Option::is_some))
+            .any(|&f| store.slots.get(f as usize).is_none_or(Option::is_some))
         {
             return Err(SnapshotError::Damaged("a free slot is missing or in use"));
         }
-        let mut store = EntityStore {
-            slots: snapshot.slots,
-            free: snapshot.free,
-            index: SlotIndex::default(),
-            live: 0,
-        };
+        store.free = header.free;
         for (i, slot) in store.slots.iter().enumerate() {
             if let Some(e) = slot {
                 let slots = &store.slots;
@@ -748,8 +577,8 @@ impl PartitionState {
         Ok(PartitionState {
             entities: store,
             timers: TimerQueue::default(),
-            max_event_time: snapshot.max_event_time,
-            next_seq: snapshot.next_seq,
+            max_event_time: header.max_event_time,
+            next_seq: header.next_seq,
         })
     }
 }

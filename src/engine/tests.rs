@@ -807,13 +807,19 @@ fn large_snapshot_round_trips() {
     );
 }
 
-/// Snapshots of formats 1 and 2 hold an older entity layout: restoring one is an error that says
+/// Snapshots of formats 1 to 3 hold an older entity layout: restoring one is an error that says
 /// what to do, never a misread state.
 #[test]
 fn snapshots_of_an_earlier_layout_are_refused_with_a_way_out() {
-    for version in [1u32, 2] {
+    let p = card_pipeline(
+        "old_snapshots",
+        "features:\n  - { name: n, agg: count, window: { sliding: 10m } }",
+    );
+    for version in [1u32, 2, 3] {
         let bytes = postcard::to_allocvec(&(version, Some(0i64), 0u64)).expect("encodes");
-        let error = PartitionState::restore(&bytes).expect_err("an earlier format is refused");
+        let error = Engine::new(Arc::clone(&p))
+            .restore_partition(0, &bytes, 0)
+            .expect_err("an earlier format is refused");
         let text = error.to_string();
         assert!(
             text.contains(&format!("format version {version}"))
