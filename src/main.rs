@@ -334,6 +334,18 @@ fn main() -> ExitCode {
             };
             let progress = !quiet && std::io::stderr().is_terminal();
             match featurestream::replay::replay(loaded, &input, &output, progress) {
+                Ok(summary) if summary.all_rejected() => {
+                    print_replay_summary(&summary, &output);
+                    eprintln!(
+                        "error: all {} events in {} were rejected; is it this pipeline's input? \
+                         The first: {} (every one is in {})",
+                        summary.read,
+                        input.display(),
+                        summary.first_rejection.as_deref().unwrap_or("-"),
+                        output.join("rejected.jsonl").display()
+                    );
+                    ExitCode::from(1)
+                }
                 Ok(summary) => {
                     print_replay_summary(&summary, &output);
                     ExitCode::SUCCESS

@@ -103,6 +103,9 @@ pub struct ReplaySummary {
     pub state_bytes: usize,
     pub watermark: Option<String>,
     pub snapshot: Option<PathBuf>,
+    /// The first rejected event: its line (or row) and why, to point at a wrong input quickly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_rejection: Option<String>,
     #[serde(skip)]
     pub elapsed: Duration,
 }
@@ -110,6 +113,12 @@ pub struct ReplaySummary {
 impl ReplaySummary {
     pub fn reconciles(&self) -> bool {
         self.read == self.aggregated + self.rejected + self.late
+    }
+
+    /// True when events were read and not one of them could be decoded: almost always an
+    /// input that is not this pipeline's events (another file, another schema, not JSON).
+    pub fn all_rejected(&self) -> bool {
+        self.read > 0 && self.rejected == self.read
     }
 }
 
@@ -160,6 +169,13 @@ pub fn replay(
     let started = Instant::now();
     fs::create_dir_all(output)
         .with_context(|| format!("cannot create output folder {}", output.display()))?;
+    let snapshots = output.join("parquet").join(&pipeline.name);
+    remove_earlier_snapshots(&snapshots).with_context(|| {
+        format!(
+            "cannot remove earlier snapshots under {}",
+            snapshots.display()
+        )
+    })?;
     let features_path = output.join("features.jsonl");
     let features_file = File::create(&features_path)
         .with_context(|| format!("cannot create {}", features_path.display()))?;
@@ -191,6 +207,13 @@ pub fn replay(
             Err(rejection) => {
                 summary.rejected += 1;
                 *reasons.entry(rejection.reason).or_default() += 1;
+                if summary.first_rejection.is_none() {
+                    summary.first_rejection = Some(format!(
+                        "line {line}: {} ({})",
+                        rejection.message,
+                        rejection.reason.as_str()
+                    ));
+                }
                 rejects.write(line, &rejection, payload)?;
             }
             Ok(event) => match engine.process(0, &event, 0, sink) {
@@ -325,4 +348,41 @@ pub fn replay(
     )
     .with_context(|| format!("cannot write {}", summary_path.display()))?;
     Ok(summary)
+}
+
+/// Removes the snapshots an earlier replay into the same folder wrote for this pipeline
+/// (`snapshot-*.parquet` under `date=*/hour=*/`, and folders left empty), so that the folder
+/// describes one replay. Nothing else is touched.
+fn remove_earlier_snapshots(root: &Path) -> std::io::Result<()> {
+    let partitions = |dir: &Path, prefix: &str| -> std::io::Result<Vec<PathBuf>> {
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir()
+                && entry.file_name().to_string_lossy().starts_with(prefix)
+            {
+                found.push(entry.path());
+            }
+        }
+        Ok(found)
+    };
+    for date in partitions(root, "date=")? {
+        for hour in partitions(&date, "hour=")? {
+            for entry in fs::read_dir(&hour)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("snapshot-") && name.ends_with(".parquet") {
+                    fs::remove_file(entry.path())?;
+                }
+            }
+            // Only succeeds when nothing else is in it.
+            let _ = fs::remove_dir(&hour);
+        }
+        let _ = fs::remove_dir(&date);
+    }
+    Ok(())
 }

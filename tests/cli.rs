@@ -170,6 +170,74 @@ fn replay_reports_a_missing_input_clearly() {
     );
 }
 
+/// An input that holds none of the pipeline's events (here, the pipeline file itself) is an
+/// error that names the first rejection, not a quiet success; its rejects are still written.
+#[test]
+fn replay_of_a_file_that_is_not_events_fails_and_says_why() {
+    let out = tempfile::tempdir().unwrap();
+    let pipeline = repo("pipelines/card_fraud.yaml");
+    let run = bin()
+        .args(["replay", pipeline.to_str().unwrap(), "--input"])
+        .arg(&pipeline)
+        .arg("--output")
+        .arg(out.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("events in")
+            && stderr.contains("were rejected")
+            && stderr.contains("line 1:"),
+        "{stderr}"
+    );
+    let lines = std::fs::read_to_string(pipeline)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count();
+    let rejected = std::fs::read_to_string(out.path().join("rejected.jsonl")).unwrap();
+    assert_eq!(rejected.lines().count(), lines);
+}
+
+/// Replaying into a folder used before leaves one snapshot (the new one), not one per run.
+#[test]
+fn replay_into_a_used_folder_keeps_only_its_own_snapshot() {
+    let out = tempfile::tempdir().unwrap();
+    let pipeline = repo("pipelines/card_fraud.yaml");
+    let full = repo("pipelines/samples/card_fraud.jsonl");
+    let text = std::fs::read_to_string(&full).unwrap();
+    let half = out.path().join("half.jsonl");
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&half, lines[..lines.len() / 2].join("\n")).unwrap();
+    let results = out.path().join("results");
+    let snapshots = |run_input: &Path| {
+        let run = bin()
+            .args(["replay", pipeline.to_str().unwrap(), "--input"])
+            .arg(run_input)
+            .arg("--output")
+            .arg(&results)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let mut found: Vec<PathBuf> = walk(&results.join("parquet"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .collect();
+        found.sort();
+        found
+    };
+    let first = snapshots(&half);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let second = snapshots(&full);
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(first, second, "the two replays end at different watermarks");
+}
+
 /// The same events as JSONL, gzip-compressed JSONL and Parquet give the same records.
 #[test]
 fn replay_reads_gzip_and_parquet_inputs() {
