@@ -1,7 +1,7 @@
 //! Memory helpers for per-entity state: a cache prefetch hint and gentle buffer growth.
 //!
 //! An entity that has gone cold costs one memory round trip per
-//! allocation it owns (its feature array, each window's pane buffer, each set or sketch);
+//! allocation it owns (each window's pane buffer, each set or sketch);
 //! asking for all of them before the update starts lets those round trips overlap.
 
 /// Hints the CPU to start loading the cache line at `ptr`. Never faults and never changes
