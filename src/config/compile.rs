@@ -284,10 +284,11 @@ impl Compiler {
             let topic = self.required(&entries, "topic", "dead_letter")?;
             self.string(topic, "dead_letter.topic")
         });
-        let features = match (self.required(&top, "features", ""), &schema) {
-            (Some(node), Some(schema)) => self.features(node, schema),
-            _ => None,
-        };
+        // Without a usable schema, features are still checked for all that does not depend on
+        // it, so that one run reports every problem.
+        let features = self
+            .required(&top, "features", "")
+            .and_then(|node| self.features(node, schema.as_ref()));
         let sinks = top
             .get("sinks")
             .map_or(Some(Sinks::default()), |n| self.sinks(n));
@@ -643,7 +644,7 @@ impl Compiler {
         ok.then_some(Schema { fields })
     }
 
-    fn features(&mut self, node: &Node, schema: &Schema) -> Option<Vec<Feature>> {
+    fn features(&mut self, node: &Node, schema: Option<&Schema>) -> Option<Vec<Feature>> {
         let NodeKind::Seq(items) = &node.kind else {
             self.error(
                 node.pos,
@@ -688,7 +689,9 @@ impl Compiler {
         ok.then_some(features)
     }
 
-    fn feature(&mut self, node: &Node, path: &str, schema: &Schema) -> Option<Feature> {
+    /// One feature; with no `schema` (the source has errors of its own) only what does not
+    /// depend on the fields is checked, and no feature results.
+    fn feature(&mut self, node: &Node, path: &str, schema: Option<&Schema>) -> Option<Feature> {
         let entries = self.mapping(
             node,
             path,
@@ -722,6 +725,18 @@ impl Compiler {
         let agg = self
             .required(&entries, "agg", path)
             .and_then(|n| self.agg(n, &join(path, "agg")));
+        let window = self
+            .required(&entries, "window", path)
+            .and_then(|n| self.window(n, &join(path, "window")));
+        let Some(schema) = schema else {
+            if let Some(n) = entries.get("field") {
+                self.string(n, &join(path, "field"));
+            }
+            if let Some(n) = entries.get("where") {
+                self.string(n, &join(path, "where"));
+            }
+            return None;
+        };
         let field = match entries.get("field") {
             None => Some(None),
             Some(n) => {
@@ -761,9 +776,6 @@ impl Compiler {
                 }
             }
         };
-        let window = self
-            .required(&entries, "window", path)
-            .and_then(|n| self.window(n, &join(path, "window")));
         let (name, agg, field, filter, window) = (name?, agg?, field?, filter?, window?);
         let value_type = self.check_agg_field(&entries, path, agg, field, schema)?;
         Some(Feature {

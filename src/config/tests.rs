@@ -252,3 +252,27 @@ fn display_shows_file_line_column_and_path() {
     let text = err.to_string();
     assert!(text.starts_with("pipes/x.yaml:19:12: source.on_late: `dql` is not one of: drop, dlq (did you mean `dlq`?)"), "{text}");
 }
+
+/// A source too broken to give a schema does not hide the features' own problems: one run
+/// reports both.
+#[test]
+fn features_are_checked_even_when_the_source_is_not_usable() {
+    let e = errors(
+        r#"
+name: p
+source: kafka
+features:
+  - { name: a, agg: summ, field: amount, window: { sliding: 10m } }
+  - { name: a, agg: count, window: { tumbling: 5x } }
+"#,
+    );
+    assert!(has(&e, "source", "expected a mapping"), "{e:?}");
+    assert!(has(&e, "features[0].agg", "summ"), "{e:?}");
+    assert!(has(&e, "features[1].name", "already used"), "{e:?}");
+    assert!(has(&e, "features[1].window.tumbling", ""), "{e:?}");
+    // Field names cannot be checked without a schema, so none is reported as undeclared.
+    assert!(
+        !e.iter().any(|x| x.message.contains("not declared")),
+        "{e:?}"
+    );
+}
