@@ -169,13 +169,6 @@ pub fn replay(
     let started = Instant::now();
     fs::create_dir_all(output)
         .with_context(|| format!("cannot create output folder {}", output.display()))?;
-    let snapshots = output.join("parquet").join(&pipeline.name);
-    remove_earlier_snapshots(&snapshots).with_context(|| {
-        format!(
-            "cannot remove earlier snapshots under {}",
-            snapshots.display()
-        )
-    })?;
     let features_path = output.join("features.jsonl");
     let features_file = File::create(&features_path)
         .with_context(|| format!("cannot create {}", features_path.display()))?;
@@ -333,6 +326,14 @@ pub fn replay(
     let mut rows = SnapshotBuilder::new(&pipeline);
     engine.for_each_entity(|entity, as_of, values| rows.push(entity, as_of, values));
     let batch = rows.finish(snapshot_time)?;
+    // Only now, with the new snapshot ready: a replay that fails earlier removes nothing.
+    let snapshots = output.join("parquet").join(&pipeline.name);
+    remove_earlier_snapshots(&snapshots).with_context(|| {
+        format!(
+            "cannot remove earlier snapshots under {}",
+            snapshots.display()
+        )
+    })?;
     let dir = partition_dir(&output.join("parquet"), &pipeline.name, snapshot_time);
     summary.snapshot = Some(write_atomic(
         &dir,

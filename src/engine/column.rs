@@ -322,6 +322,7 @@ impl<S: WindowState> Column for States<S> {
         as_of: i64,
         input: Option<&Input<'_, '_>>,
     ) {
+        debug_assert!(slot < self.0.len(), "a column out of step with the slots");
         if let Some(state) = self.0.get_mut(slot) {
             state.set_as_of(feature, as_of);
             if let Some(input) = input {

@@ -546,9 +546,16 @@ impl PartitionState {
             return Err(SnapshotError::Damaged("bytes after the last chunk"));
         }
         let mut store = EntityStore::new(features, close_windows);
-        let decoded = in_parallel(&parts, |part| store.decode_slots(part));
+        let decoded = in_parallel(&parts, |part| store.decode_slots(part))
+            .into_iter()
+            .collect::<Result<Vec<DecodedChunk>, _>>()?;
+        // Room for exactly what was stored: appending chunk by chunk would double capacity.
+        let total: usize = decoded.iter().map(|c| c.slots.len()).sum();
+        store.slots.reserve_exact(total);
+        for column in &mut store.columns {
+            column.reserve_exact(total);
+        }
         for chunk in decoded {
-            let chunk = chunk?;
             store.slots.extend(chunk.slots);
             for (column, part) in store.columns.iter_mut().zip(chunk.columns) {
                 column.append(part);
@@ -560,6 +567,11 @@ impl PartitionState {
             .any(|&f| store.slots.get(f as usize).is_none_or(Option::is_some))
         {
             return Err(SnapshotError::Damaged("a free slot is missing or in use"));
+        }
+        let mut listed = header.free.clone();
+        listed.sort_unstable();
+        if listed.windows(2).any(|w| w[0] == w[1]) {
+            return Err(SnapshotError::Damaged("a free slot is listed twice"));
         }
         store.free = header.free;
         for (i, slot) in store.slots.iter().enumerate() {
