@@ -42,19 +42,45 @@ fn output<A: Accumulator>(feature: &Feature, acc: &A) -> FeatureValue {
     acc.output(feature.agg, feature.value_type)
 }
 
+/// Pane arithmetic of a hopping window (`None` for other windows): panes are STEP long and a
+/// window is `n = SIZE / STEP` of them.
+fn pane_of(window: &Window, time: i64) -> Option<i64> {
+    match *window {
+        Window::Hopping { step_ms, .. } => Some(floor_div(time, step_ms)),
+        _ => None,
+    }
+}
+
+/// The first pane of the window whose last pane holds `time`.
+fn first_pane_of_window_at(window: &Window, time: i64) -> Option<i64> {
+    match *window {
+        Window::Hopping {
+            size_ms, step_ms, ..
+        } => Some(floor_div(time, step_ms).saturating_sub(size_ms / step_ms - 1)),
+        _ => None,
+    }
+}
+
+/// When pane `pane` leaves the window: the start of the first window without it.
+fn pane_leaves_at(window: &Window, pane: i64) -> Option<i64> {
+    match *window {
+        Window::Hopping {
+            size_ms, step_ms, ..
+        } => Some((pane + size_ms / step_ms).saturating_mul(step_ms)),
+        _ => None,
+    }
+}
+
 impl<A: Accumulator> WindowState for Panes<A> {
     fn set_as_of(&mut self, feature: &Feature, as_of: i64) {
-        if let Window::Hopping {
-            size_ms, step_ms, ..
-        } = feature.window
-        {
-            self.set_running_from(floor_div(as_of, step_ms) - size_ms / step_ms + 1);
+        if let Some(first) = first_pane_of_window_at(&feature.window, as_of) {
+            self.set_running_from(first);
         }
     }
 
     fn add(&mut self, feature: &Feature, input: &Input<'_, '_>) {
-        if let Window::Hopping { step_ms, .. } = feature.window {
-            Panes::add(self, floor_div(input.time, step_ms), input);
+        if let Some(pane) = pane_of(&feature.window, input.time) {
+            Panes::add(self, pane, input);
         }
     }
 
@@ -70,7 +96,6 @@ impl<A: Accumulator> WindowState for Panes<A> {
             return;
         };
         let n = size_ms / step_ms;
-        let horizon = clock.watermark.saturating_sub(clock.lateness);
         if clock.close_windows {
             self.close_windows(
                 n,
@@ -79,7 +104,8 @@ impl<A: Accumulator> WindowState for Panes<A> {
                 |start, end, acc| closed.push((start, end, output(feature, acc))),
             );
         }
-        // Future events are at or after `horizon`, so no as-of time can reach further back.
+        // Future events are at or after the horizon, so no as-of time can reach further back.
+        let horizon = clock.watermark.saturating_sub(clock.lateness);
         let mut keep_from = floor_div(horizon, step_ms).saturating_sub(n - 1);
         if clock.close_windows {
             keep_from = keep_from.min(self.closed_before());
@@ -97,7 +123,7 @@ impl<A: Accumulator> WindowState for Panes<A> {
         let n = size_ms / step_ms;
         let leaves = self
             .oldest_running()
-            .map(|q| (q + n).saturating_mul(step_ms));
+            .and_then(|pane| pane_leaves_at(&feature.window, pane));
         let closes = if clock.close_windows {
             self.next_window_to_close(n).map(|s| {
                 (s + n)
@@ -195,17 +221,14 @@ impl<A: Accumulator> WindowState for Lifetime<A> {
 
 impl WindowState for RecentDistinct {
     fn set_as_of(&mut self, feature: &Feature, as_of: i64) {
-        if let Window::Hopping {
-            size_ms, step_ms, ..
-        } = feature.window
-        {
-            self.set_running_from(floor_div(as_of, step_ms) - size_ms / step_ms + 1);
+        if let Some(first) = first_pane_of_window_at(&feature.window, as_of) {
+            self.set_running_from(first);
         }
     }
 
     fn add(&mut self, feature: &Feature, input: &Input<'_, '_>) {
-        if let Window::Hopping { step_ms, .. } = feature.window {
-            RecentDistinct::add(self, floor_div(input.time, step_ms), input);
+        if let Some(pane) = pane_of(&feature.window, input.time) {
+            RecentDistinct::add(self, pane, input);
         }
     }
 
@@ -214,25 +237,15 @@ impl WindowState for RecentDistinct {
     }
 
     fn on_watermark(&mut self, feature: &Feature, clock: &Clock, _closed: &mut Vec<Closed>) {
-        if let Window::Hopping {
-            size_ms, step_ms, ..
-        } = feature.window
-        {
-            // As for panes: future events are at or after the horizon.
-            let horizon = clock.watermark.saturating_sub(clock.lateness);
-            self.evict_below(floor_div(horizon, step_ms).saturating_sub(size_ms / step_ms - 1));
+        // As for panes: future events are at or after the horizon.
+        let horizon = clock.watermark.saturating_sub(clock.lateness);
+        if let Some(keep_from) = first_pane_of_window_at(&feature.window, horizon) {
+            self.evict_below(keep_from);
         }
     }
 
     fn next_change(&self, feature: &Feature, _clock: &Clock) -> Option<i64> {
-        match feature.window {
-            Window::Hopping {
-                size_ms, step_ms, ..
-            } => self
-                .oldest_running()
-                .map(|q| (q + size_ms / step_ms).saturating_mul(step_ms)),
-            _ => None,
-        }
+        pane_leaves_at(&feature.window, self.oldest_running()?)
     }
 
     fn prefetch(&self) {
