@@ -394,4 +394,11 @@ fn print_replay_summary(summary: &featurestream::replay::ReplaySummary, output: 
     if let Some(snapshot) = &summary.snapshot {
         println!("  {}", snapshot.display());
     }
+    if let Some(log) = &summary.feature_log {
+        println!(
+            "  {}/ ({} feature-log files)",
+            log.display(),
+            summary.feature_log_files
+        );
+    }
 }

@@ -3,8 +3,10 @@
 //! Events are processed in file order as one input partition, so the records are exactly those
 //! a stream of the same events in the same order produces. Outputs in the output folder:
 //! `features.jsonl` (every emitted record), `rejected.jsonl` (every rejected or dead-lettered
-//! late event with its reason), `summary.json`, and a Parquet snapshot of every entity's final
-//! features under `parquet/<pipeline>/date=.../hour=.../`.
+//! late event with its reason), `summary.json`, a Parquet snapshot of every entity's final
+//! features under `parquet/<pipeline>/date=.../hour=.../`, and, when the pipeline sets
+//! `sinks.parquet.feature_log: true`, every update as Parquet under `parquet/<pipeline>-updates/`
+//! (the layout the service writes, so the same readers work on both).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -26,13 +28,54 @@ use crate::io::jsonl::LineReader;
 use crate::io::parquet::{ParquetEvents, SnapshotBuilder, partition_dir, write_atomic};
 use crate::output::{write_update, write_window_closed};
 
-/// Writes emitted records as JSON lines.
+/// Rows per file of the Parquet feature log, as the service writes it.
+const LOG_ROWS_PER_FILE: usize = 500_000;
+
+/// The Parquet feature log of a replay: every emitted update, in files of at most
+/// [`LOG_ROWS_PER_FILE`] rows, each partitioned by (and its `snapshot_time` set to) the newest
+/// `as_of` it holds.
+struct UpdateLog {
+    pipeline: Arc<Pipeline>,
+    root: PathBuf,
+    rows: SnapshotBuilder,
+    newest_as_of: i64,
+    written: Vec<PathBuf>,
+}
+
+impl UpdateLog {
+    fn push(&mut self, entity: &str, as_of: i64, values: &[FeatureValue]) -> anyhow::Result<()> {
+        self.rows.push(entity, as_of, values);
+        self.newest_as_of = self.newest_as_of.max(as_of);
+        if self.rows.rows() >= LOG_ROWS_PER_FILE {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if self.rows.rows() == 0 {
+            return Ok(());
+        }
+        let rows = std::mem::replace(&mut self.rows, SnapshotBuilder::new(&self.pipeline));
+        let time = self.newest_as_of;
+        let batch = rows.finish(time)?;
+        let dir = partition_dir(&self.root, &format!("{}-updates", self.pipeline.name), time);
+        let name = format!("updates-{time}-{}.parquet", self.written.len());
+        self.written.push(write_atomic(&dir, &name, &batch)?);
+        Ok(())
+    }
+}
+
+/// Writes emitted records as JSON lines (and updates to the Parquet feature log, if any).
 pub struct JsonlSink<W: Write> {
     pipeline: Arc<Pipeline>,
     out: W,
     line: String,
+    log: Option<UpdateLog>,
     pub records: u64,
     pub error: Option<std::io::Error>,
+    /// The first feature-log write that failed; the log stops there.
+    log_error: Option<anyhow::Error>,
 }
 
 impl<W: Write> JsonlSink<W> {
@@ -41,8 +84,10 @@ impl<W: Write> JsonlSink<W> {
             pipeline,
             out,
             line: String::with_capacity(256),
+            log: None,
             records: 0,
             error: None,
+            log_error: None,
         }
     }
 
@@ -66,6 +111,12 @@ impl<W: Write> RecordSink for JsonlSink<W> {
         self.line.clear();
         write_update(&mut self.line, &self.pipeline, entity, as_of, values);
         self.write_line();
+        if self.log_error.is_none()
+            && let Some(log) = &mut self.log
+            && let Err(e) = log.push(entity, as_of, values)
+        {
+            self.log_error = Some(e);
+        }
     }
 
     fn window_closed(
@@ -103,6 +154,11 @@ pub struct ReplaySummary {
     pub state_bytes: usize,
     pub watermark: Option<String>,
     pub snapshot: Option<PathBuf>,
+    /// The folder and number of files of the Parquet feature log
+    /// (`sinks.parquet.feature_log: true`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature_log: Option<PathBuf>,
+    pub feature_log_files: usize,
     /// The first rejected event: its line (or row) and why, to point at a wrong input quickly.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_rejection: Option<String>,
@@ -176,6 +232,21 @@ pub fn replay(
         Arc::clone(&pipeline),
         BufWriter::with_capacity(1 << 20, features_file),
     );
+    let parquet_root = output.join("parquet");
+    if pipeline
+        .sinks
+        .parquet
+        .as_ref()
+        .is_some_and(|p| p.feature_log)
+    {
+        sink.log = Some(UpdateLog {
+            pipeline: Arc::clone(&pipeline),
+            root: parquet_root.clone(),
+            rows: SnapshotBuilder::new(&pipeline),
+            newest_as_of: i64::MIN,
+            written: Vec::new(),
+        });
+    }
     let rejected_path = output.join("rejected.jsonl");
     let mut rejects = Rejects {
         out: BufWriter::new(
@@ -232,6 +303,9 @@ pub fn replay(
             return Err(
                 anyhow::Error::new(e).context(format!("cannot write {}", features_path.display()))
             );
+        }
+        if let Some(e) = sink.log_error.take() {
+            return Err(e.context("cannot write the Parquet feature log"));
         }
         Ok(())
     };
@@ -302,6 +376,18 @@ pub fn replay(
     }
 
     summary.records = sink.records;
+    let written_log = match sink.log.take() {
+        Some(mut log) => {
+            log.flush()
+                .context("cannot write the Parquet feature log")?;
+            log.written
+        }
+        None => Vec::new(),
+    };
+    summary.feature_log_files = written_log.len();
+    if !written_log.is_empty() {
+        summary.feature_log = Some(parquet_root.join(format!("{}-updates", pipeline.name)));
+    }
     let mut out = sink.into_inner();
     out.flush()
         .with_context(|| format!("cannot write {}", features_path.display()))?;
@@ -326,20 +412,30 @@ pub fn replay(
     let mut rows = SnapshotBuilder::new(&pipeline);
     engine.for_each_entity(|entity, as_of, values| rows.push(entity, as_of, values));
     let batch = rows.finish(snapshot_time)?;
-    // Only now, with the new snapshot ready: a replay that fails earlier removes nothing.
-    let snapshots = output.join("parquet").join(&pipeline.name);
-    remove_earlier_snapshots(&snapshots).with_context(|| {
-        format!(
-            "cannot remove earlier snapshots under {}",
-            snapshots.display()
-        )
-    })?;
-    let dir = partition_dir(&output.join("parquet"), &pipeline.name, snapshot_time);
-    summary.snapshot = Some(write_atomic(
-        &dir,
-        &format!("snapshot-{snapshot_time}.parquet"),
-        &batch,
-    )?);
+    let dir = partition_dir(&parquet_root, &pipeline.name, snapshot_time);
+    let snapshot = write_atomic(&dir, &format!("snapshot-{snapshot_time}.parquet"), &batch)?;
+    // Only now, with this replay's files written: a replay that fails earlier removes nothing.
+    for (folder, prefix, keep) in [
+        (
+            pipeline.name.clone(),
+            "snapshot-",
+            std::slice::from_ref(&snapshot),
+        ),
+        (
+            format!("{}-updates", pipeline.name),
+            "updates-",
+            &written_log[..],
+        ),
+    ] {
+        let root = parquet_root.join(folder);
+        remove_earlier_outputs(&root, prefix, keep).with_context(|| {
+            format!(
+                "cannot remove an earlier replay's files under {}",
+                root.display()
+            )
+        })?;
+    }
+    summary.snapshot = Some(snapshot);
     summary.elapsed = started.elapsed();
 
     let summary_path = output.join("summary.json");
@@ -351,10 +447,10 @@ pub fn replay(
     Ok(summary)
 }
 
-/// Removes the snapshots an earlier replay into the same folder wrote for this pipeline
-/// (`snapshot-*.parquet` under `date=*/hour=*/`, and folders left empty), so that the folder
-/// describes one replay. Nothing else is touched.
-fn remove_earlier_snapshots(root: &Path) -> std::io::Result<()> {
+/// Removes what an earlier replay into the same folder wrote for this pipeline (files named
+/// `<prefix>*.parquet` under `root/date=*/hour=*/` other than `keep`, and folders left empty),
+/// so that the folder describes one replay. Nothing else is touched.
+fn remove_earlier_outputs(root: &Path, prefix: &str, keep: &[PathBuf]) -> std::io::Result<()> {
     let partitions = |dir: &Path, prefix: &str| -> std::io::Result<Vec<PathBuf>> {
         if !dir.is_dir() {
             return Ok(Vec::new());
@@ -376,8 +472,9 @@ fn remove_earlier_snapshots(root: &Path) -> std::io::Result<()> {
                 let entry = entry?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with("snapshot-") && name.ends_with(".parquet") {
-                    fs::remove_file(entry.path())?;
+                let path = entry.path();
+                if name.starts_with(prefix) && name.ends_with(".parquet") && !keep.contains(&path) {
+                    fs::remove_file(path)?;
                 }
             }
             // Only succeeds when nothing else is in it.

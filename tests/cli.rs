@@ -146,6 +146,31 @@ fn replay_of_each_example_reconciles() {
                 .is_some_and(|p| Path::new(p).exists()),
             "{name}: {summary}"
         );
+        // With `feature_log: true` every update is also in the Parquet feature log.
+        let text = std::fs::read_to_string(&pipeline).unwrap();
+        let log_rows: i64 = walk(&out.path().join(format!("parquet/{name}-updates")))
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .map(|p| {
+                use parquet::file::reader::FileReader;
+                parquet::file::reader::SerializedFileReader::new(std::fs::File::open(p).unwrap())
+                    .unwrap()
+                    .metadata()
+                    .file_metadata()
+                    .num_rows()
+            })
+            .sum();
+        let updates = std::fs::read_to_string(out.path().join("features.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.contains("\"window_start\""))
+            .count() as i64;
+        if text.contains("feature_log: true") {
+            assert!(updates > 0, "{name}");
+            assert_eq!(log_rows, updates, "{name}: one feature-log row per update");
+        } else {
+            assert_eq!(log_rows, 0, "{name}: no feature log unless asked for");
+        }
     }
 }
 
@@ -200,9 +225,10 @@ fn replay_of_a_file_that_is_not_events_fails_and_says_why() {
     assert_eq!(rejected.lines().count(), lines);
 }
 
-/// Replaying into a folder used before leaves one snapshot (the new one), not one per run.
+/// Replaying into a folder used before leaves that replay's Parquet files only: one snapshot
+/// and its own feature log, not one set per run.
 #[test]
-fn replay_into_a_used_folder_keeps_only_its_own_snapshot() {
+fn replay_into_a_used_folder_keeps_only_its_own_parquet_files() {
     let out = tempfile::tempdir().unwrap();
     let pipeline = repo("pipelines/card_fraud.yaml");
     let full = repo("pipelines/samples/card_fraud.jsonl");
@@ -211,7 +237,7 @@ fn replay_into_a_used_folder_keeps_only_its_own_snapshot() {
     let lines: Vec<&str> = text.lines().collect();
     std::fs::write(&half, lines[..lines.len() / 2].join("\n")).unwrap();
     let results = out.path().join("results");
-    let snapshots = |run_input: &Path| {
+    let parquet_files = |run_input: &Path, folder: &str| {
         let run = bin()
             .args(["replay", pipeline.to_str().unwrap(), "--input"])
             .arg(run_input)
@@ -224,18 +250,23 @@ fn replay_into_a_used_folder_keeps_only_its_own_snapshot() {
             "{}",
             String::from_utf8_lossy(&run.stderr)
         );
-        let mut found: Vec<PathBuf> = walk(&results.join("parquet"))
+        let mut found: Vec<PathBuf> = walk(&results.join("parquet").join(folder))
             .into_iter()
             .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
             .collect();
         found.sort();
         found
     };
-    let first = snapshots(&half);
+    let first = parquet_files(&half, "card_fraud");
     assert_eq!(first.len(), 1, "{first:?}");
-    let second = snapshots(&full);
+    let second = parquet_files(&full, "card_fraud");
     assert_eq!(second.len(), 1, "{second:?}");
     assert_ne!(first, second, "the two replays end at different watermarks");
+    let log_after_half = parquet_files(&half, "card_fraud-updates");
+    let log_after_full = parquet_files(&full, "card_fraud-updates");
+    assert_eq!(log_after_half.len(), 1, "{log_after_half:?}");
+    assert_eq!(log_after_full.len(), 1, "{log_after_full:?}");
+    assert_ne!(log_after_half, log_after_full);
 }
 
 /// The same events as JSONL, gzip-compressed JSONL and Parquet give the same records.
