@@ -101,17 +101,7 @@ fn replay_of_each_example_reconciles() {
         let name = pipeline.file_stem().unwrap().to_string_lossy().to_string();
         let sample = repo(&format!("pipelines/samples/{name}.jsonl"));
         let out = tempfile::tempdir().expect("temp dir");
-        let run = bin()
-            .args([
-                "replay",
-                pipeline.to_str().unwrap(),
-                "--input",
-                sample.to_str().unwrap(),
-                "--output",
-            ])
-            .arg(out.path())
-            .output()
-            .expect("runs");
+        let run = replay(&pipeline, &sample, out.path());
         let stdout = String::from_utf8_lossy(&run.stdout);
         assert!(
             run.status.success(),
@@ -148,9 +138,8 @@ fn replay_of_each_example_reconciles() {
         );
         // With `feature_log: true` every update is also in the Parquet feature log.
         let text = std::fs::read_to_string(&pipeline).unwrap();
-        let log_rows: i64 = walk(&out.path().join(format!("parquet/{name}-updates")))
+        let log_rows: i64 = parquet_files(&out.path().join(format!("parquet/{name}-updates")))
             .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
             .map(|p| {
                 use parquet::file::reader::FileReader;
                 parquet::file::reader::SerializedFileReader::new(std::fs::File::open(p).unwrap())
@@ -177,17 +166,11 @@ fn replay_of_each_example_reconciles() {
 #[test]
 fn replay_reports_a_missing_input_clearly() {
     let out = tempfile::tempdir().unwrap();
-    let run = bin()
-        .args([
-            "replay",
-            repo("pipelines/card_fraud.yaml").to_str().unwrap(),
-            "--input",
-            "/nonexistent/events.jsonl",
-            "--output",
-        ])
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let run = replay(
+        &repo("pipelines/card_fraud.yaml"),
+        Path::new("/nonexistent/events.jsonl"),
+        out.path(),
+    );
     assert_eq!(run.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&run.stderr)
@@ -201,13 +184,7 @@ fn replay_reports_a_missing_input_clearly() {
 fn replay_of_a_file_that_is_not_events_fails_and_says_why() {
     let out = tempfile::tempdir().unwrap();
     let pipeline = repo("pipelines/card_fraud.yaml");
-    let run = bin()
-        .args(["replay", pipeline.to_str().unwrap(), "--input"])
-        .arg(&pipeline)
-        .arg("--output")
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let run = replay(&pipeline, &pipeline, out.path());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(1), "{stderr}");
     assert!(
@@ -237,33 +214,22 @@ fn replay_into_a_used_folder_keeps_only_its_own_parquet_files() {
     let lines: Vec<&str> = text.lines().collect();
     std::fs::write(&half, lines[..lines.len() / 2].join("\n")).unwrap();
     let results = out.path().join("results");
-    let parquet_files = |run_input: &Path, folder: &str| {
-        let run = bin()
-            .args(["replay", pipeline.to_str().unwrap(), "--input"])
-            .arg(run_input)
-            .arg("--output")
-            .arg(&results)
-            .output()
-            .unwrap();
+    let files_after = |run_input: &Path, folder: &str| {
+        let run = replay(&pipeline, run_input, &results);
         assert!(
             run.status.success(),
             "{}",
             String::from_utf8_lossy(&run.stderr)
         );
-        let mut found: Vec<PathBuf> = walk(&results.join("parquet").join(folder))
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-            .collect();
-        found.sort();
-        found
+        parquet_files(&results.join("parquet").join(folder))
     };
-    let first = parquet_files(&half, "card_fraud");
+    let first = files_after(&half, "card_fraud");
     assert_eq!(first.len(), 1, "{first:?}");
-    let second = parquet_files(&full, "card_fraud");
+    let second = files_after(&full, "card_fraud");
     assert_eq!(second.len(), 1, "{second:?}");
     assert_ne!(first, second, "the two replays end at different watermarks");
-    let log_after_half = parquet_files(&half, "card_fraud-updates");
-    let log_after_full = parquet_files(&full, "card_fraud-updates");
+    let log_after_half = files_after(&half, "card_fraud-updates");
+    let log_after_full = files_after(&full, "card_fraud-updates");
     assert_eq!(log_after_half.len(), 1, "{log_after_half:?}");
     assert_eq!(log_after_full.len(), 1, "{log_after_full:?}");
     assert_ne!(log_after_half, log_after_full);
@@ -340,17 +306,7 @@ fn replay_reads_gzip_and_parquet_inputs() {
                 .to_string_lossy()
                 .replace('.', "_"),
         );
-        let run = bin()
-            .args([
-                "replay",
-                pipeline.to_str().unwrap(),
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-            ])
-            .arg(&out)
-            .output()
-            .unwrap();
+        let run = replay(&pipeline, input, &out);
         assert!(
             run.status.success(),
             "{}",
@@ -408,13 +364,31 @@ fn the_demo_runs_end_to_end() {
     assert!(line("events in").contains("120000"), "{stdout}");
     assert!(line("reconciles").ends_with("yes"), "{stdout}");
     assert!(line("a look-up").contains("\"features\""), "{stdout}");
-    let snapshots: Vec<_> = walk(&out.join("features/card_fraud"));
-    assert!(
-        snapshots
-            .iter()
-            .any(|p| p.extension().is_some_and(|e| e == "parquet")),
-        "{snapshots:?}"
-    );
+    let snapshots = parquet_files(&out.join("features/card_fraud"));
+    assert!(!snapshots.is_empty(), "{snapshots:?}");
+}
+
+/// Runs `featurestream replay PIPELINE --input INPUT --output OUTPUT`.
+fn replay(pipeline: &Path, input: &Path, output: &Path) -> std::process::Output {
+    bin()
+        .arg("replay")
+        .arg(pipeline)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .output()
+        .expect("the binary runs")
+}
+
+/// The Parquet files anywhere under `dir`, sorted.
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = walk(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    found.sort();
+    found
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
