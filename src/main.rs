@@ -365,7 +365,7 @@ fn print_replay_summary(summary: &featurestream::replay::ReplaySummary, output: 
     println!("aggregated  {:>12}", summary.aggregated);
     println!("rejected    {:>12}", summary.rejected);
     for (reason, n) in &summary.rejected_by_reason {
-        println!("  {reason:<10}{n:>12}");
+        println!("  {reason:<14}{n:>8}");
     }
     println!("late        {:>12}", summary.late);
     println!(
@@ -384,6 +384,12 @@ fn print_replay_summary(summary: &featurestream::replay::ReplaySummary, output: 
             summary.state_bytes
         );
     }
+    if summary.blank_lines > 0 {
+        println!(
+            "blank lines {:>12} (skipped, not counted as read)",
+            summary.blank_lines
+        );
+    }
     println!(
         "throughput  {:>12.0} events/s ({:.2}s)",
         summary.read as f64 / secs,
@@ -391,8 +397,9 @@ fn print_replay_summary(summary: &featurestream::replay::ReplaySummary, output: 
     );
     println!("outputs     {}", output.display());
     println!("  features.jsonl, rejected.jsonl, summary.json");
-    if let Some(snapshot) = &summary.snapshot {
-        println!("  {}", snapshot.display());
+    match &summary.snapshot {
+        Some(snapshot) => println!("  {}", snapshot.display()),
+        None => println!("  no Parquet snapshot: no entity has state at the end"),
     }
     if let Some(log) = &summary.feature_log {
         println!(

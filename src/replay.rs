@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::config::{OnLate, Pipeline};
 use crate::decode::json::JsonDecoder;
-use crate::decode::{DecodedEvent, RejectReason, Rejection, finish_event};
+use crate::decode::{DecodedEvent, RejectReason, Rejection, check_not_future, finish_event};
 use crate::engine::{Engine, FeatureValue, Outcome, RecordSink};
 use crate::io::jsonl::LineReader;
 use crate::io::parquet::{ParquetEvents, SnapshotBuilder, partition_dir, write_atomic};
@@ -145,6 +145,8 @@ impl<W: Write> RecordSink for JsonlSink<W> {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplaySummary {
     pub read: u64,
+    /// Empty or whitespace-only lines of a JSONL input: skipped, and not counted as read.
+    pub blank_lines: u64,
     pub aggregated: u64,
     pub rejected: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
@@ -215,6 +217,12 @@ impl Rejects {
     }
 }
 
+/// Where replayed events come from.
+enum Input {
+    Lines(LineReader),
+    Parquet(ParquetEvents),
+}
+
 /// Runs the pipeline over `input` (JSONL, JSONL.gz or Parquet) and writes into `output`.
 pub fn replay(
     pipeline: Arc<Pipeline>,
@@ -223,8 +231,31 @@ pub fn replay(
     progress: bool,
 ) -> anyhow::Result<ReplaySummary> {
     let started = Instant::now();
+    let is_parquet = input
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    // The input is opened before the output folder is touched: a wrong path changes nothing.
+    let mut input_source = if is_parquet {
+        Input::Parquet(ParquetEvents::open(input)?)
+    } else {
+        Input::Lines(
+            LineReader::open(input)
+                .with_context(|| format!("cannot open input {}", input.display()))?,
+        )
+    };
     fs::create_dir_all(output)
         .with_context(|| format!("cannot create output folder {}", output.display()))?;
+    // An earlier run's summary goes first: if this run fails, no summary describes outputs it
+    // has partly replaced.
+    let summary_path = output.join("summary.json");
+    match fs::remove_file(&summary_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(
+                anyhow::Error::new(e).context(format!("cannot replace {}", summary_path.display()))
+            );
+        }
+        _ => {}
+    }
     let features_path = output.join("features.jsonl");
     let features_file = File::create(&features_path)
         .with_context(|| format!("cannot create {}", features_path.display()))?;
@@ -258,6 +289,8 @@ pub fn replay(
     engine.assign(0, 0);
     let mut summary = ReplaySummary::default();
     let mut reasons: BTreeMap<RejectReason, u64> = BTreeMap::new();
+    // History is in the past of the wall clock; an event after it has a wrong time.
+    let clock = crate::runtime::now_ms();
 
     let mut handle = |summary: &mut ReplaySummary,
                       engine: &mut Engine,
@@ -267,6 +300,9 @@ pub fn replay(
                       payload: &[u8]|
      -> anyhow::Result<()> {
         summary.read += 1;
+        let decoded = decoded.and_then(|event| {
+            check_not_future(&pipeline.source, event.time_ms, clock).map(|()| event)
+        });
         match decoded {
             Err(rejection) => {
                 summary.rejected += 1;
@@ -310,45 +346,41 @@ pub fn replay(
         Ok(())
     };
 
-    let is_parquet = input
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
-    if is_parquet {
-        let mut rows = ParquetEvents::open(input)?;
-        let mut line = 0u64;
-        while let Some(row) = rows.next_row(&pipeline) {
-            let row = row?;
-            line += 1;
-            let decoded = match row.values {
-                Ok(values) => finish_event(&pipeline.source, values),
-                Err(message) => Err(Rejection::new(RejectReason::Schema, message)),
-            };
-            handle(
-                &mut summary,
-                &mut engine,
-                &mut sink,
-                line,
-                decoded,
-                row.json.as_bytes(),
-            )?;
+    match &mut input_source {
+        Input::Parquet(rows) => {
+            let mut line = 0u64;
+            while let Some(row) = rows.next_row(&pipeline) {
+                let row = row?;
+                line += 1;
+                let decoded = match row.values {
+                    Ok(values) => finish_event(&pipeline.source, values),
+                    Err(message) => Err(Rejection::new(RejectReason::Schema, message)),
+                };
+                handle(
+                    &mut summary,
+                    &mut engine,
+                    &mut sink,
+                    line,
+                    decoded,
+                    row.json.as_bytes(),
+                )?;
+            }
         }
-    } else {
-        let decoder = JsonDecoder::new(&pipeline.source);
-        let mut reader = LineReader::open(input)
-            .with_context(|| format!("cannot open input {}", input.display()))?;
-        let bar = progress.then(|| {
-            let bar = ProgressBar::new(reader.total_bytes);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar
-        });
-        let mut buf = Vec::with_capacity(1024);
-        let mut line = 0u64;
-        while reader
+        Input::Lines(reader) => {
+            let decoder = JsonDecoder::new(&pipeline.source);
+            let bar = progress.then(|| {
+                let bar = ProgressBar::new(reader.total_bytes);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar
+            });
+            let mut buf = Vec::with_capacity(1024);
+            let mut line = 0u64;
+            while reader
             .next_line(&mut buf)
             .with_context(|| {
                 format!(
@@ -359,6 +391,7 @@ pub fn replay(
         {
             line += 1;
             if buf.iter().all(u8::is_ascii_whitespace) {
+                summary.blank_lines += 1;
                 continue;
             }
             let decoded = decoder.decode(&buf);
@@ -370,8 +403,9 @@ pub fn replay(
                 bar.set_message(format!("{} events", summary.read));
             }
         }
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
         }
     }
 
@@ -407,20 +441,30 @@ pub fn replay(
         .watermark()
         .map(crate::decode::time::format_rfc3339_ms);
 
-    // The final snapshot describes the state as of the replay's watermark.
-    let snapshot_time = engine.watermark().unwrap_or(0);
+    // The final snapshot: every entity as of the end of the history, which is the newest
+    // `as_of` among them (the feature log's files are stamped the same way). None when no
+    // entity is left (no event aggregated, or every entity expired).
+    let mut newest_as_of: Option<i64> = None;
     let mut rows = SnapshotBuilder::new(&pipeline);
-    engine.for_each_entity(|entity, as_of, values| rows.push(entity, as_of, values));
-    let batch = rows.finish(snapshot_time)?;
-    let dir = partition_dir(&parquet_root, &pipeline.name, snapshot_time);
-    let snapshot = write_atomic(&dir, &format!("snapshot-{snapshot_time}.parquet"), &batch)?;
+    engine.for_each_entity(|entity, as_of, values| {
+        newest_as_of = Some(newest_as_of.map_or(as_of, |n| n.max(as_of)));
+        rows.push(entity, as_of, values);
+    });
+    let snapshot = match newest_as_of {
+        Some(snapshot_time) => {
+            let batch = rows.finish(snapshot_time)?;
+            let dir = partition_dir(&parquet_root, &pipeline.name, snapshot_time);
+            Some(write_atomic(
+                &dir,
+                &format!("snapshot-{snapshot_time}.parquet"),
+                &batch,
+            )?)
+        }
+        None => None,
+    };
     // Only now, with this replay's files written: a replay that fails earlier removes nothing.
     for (folder, prefix, keep) in [
-        (
-            pipeline.name.clone(),
-            "snapshot-",
-            std::slice::from_ref(&snapshot),
-        ),
+        (pipeline.name.clone(), "snapshot-", snapshot.as_slice()),
         (
             format!("{}-updates", pipeline.name),
             "updates-",
@@ -435,10 +479,9 @@ pub fn replay(
             )
         })?;
     }
-    summary.snapshot = Some(snapshot);
+    summary.snapshot = snapshot;
     summary.elapsed = started.elapsed();
 
-    let summary_path = output.join("summary.json");
     fs::write(
         &summary_path,
         serde_json::to_string_pretty(&summary)? + "\n",

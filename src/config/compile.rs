@@ -27,6 +27,8 @@ use super::*;
 
 const DEFAULT_MAX_EVENT_BYTES: usize = 1_000_000;
 const DEFAULT_IDLE_TIMEOUT_MS: i64 = 30_000;
+/// Clocks of producers drift by seconds; an event an hour or more ahead is a bad stamp.
+const DEFAULT_MAX_FUTURE_MS: i64 = 3_600_000;
 const DEFAULT_ENTITY_TTL_MS: i64 = 7 * 86_400_000;
 const DEFAULT_STATE_DIR: &str = "data/state";
 const DEFAULT_CHECKPOINT_EVERY_MS: i64 = 5_000;
@@ -393,22 +395,33 @@ impl Compiler {
                 );
             }
         }
-        let (max_out_of_order_ms, idle_timeout_ms) = match entries.get("watermark") {
-            None => (Some(0), Some(DEFAULT_IDLE_TIMEOUT_MS)),
-            Some(n) => {
-                match self.mapping(n, "source.watermark", &["max_out_of_order", "idle_timeout"]) {
-                    None => (None, None),
-                    Some(w) => (
-                        w.get("max_out_of_order").map_or(Some(0), |n| {
-                            self.duration(n, "source.watermark.max_out_of_order")
+        let (max_out_of_order_ms, idle_timeout_ms, max_future_ms) = match entries.get("watermark") {
+            None => (
+                Some(0),
+                Some(DEFAULT_IDLE_TIMEOUT_MS),
+                Some(Some(DEFAULT_MAX_FUTURE_MS)),
+            ),
+            Some(n) => match self.mapping(
+                n,
+                "source.watermark",
+                &["max_out_of_order", "idle_timeout", "max_future"],
+            ) {
+                None => (None, None, None),
+                Some(w) => (
+                    w.get("max_out_of_order").map_or(Some(0), |n| {
+                        self.duration(n, "source.watermark.max_out_of_order")
+                    }),
+                    w.get("idle_timeout")
+                        .map_or(Some(DEFAULT_IDLE_TIMEOUT_MS), |n| {
+                            self.positive_duration(n, "source.watermark.idle_timeout")
                         }),
-                        w.get("idle_timeout")
-                            .map_or(Some(DEFAULT_IDLE_TIMEOUT_MS), |n| {
-                                self.positive_duration(n, "source.watermark.idle_timeout")
-                            }),
-                    ),
-                }
-            }
+                    match w.get("max_future") {
+                        None => Some(Some(DEFAULT_MAX_FUTURE_MS)),
+                        Some(n) if n.as_scalar() == Some("never") => Some(None),
+                        Some(n) => self.duration(n, "source.watermark.max_future").map(Some),
+                    },
+                ),
+            },
         };
         let allowed_lateness_ms = entries
             .get("allowed_lateness")
@@ -448,6 +461,7 @@ impl Compiler {
                 event_time: event_time?,
                 max_out_of_order_ms: max_out_of_order_ms?,
                 idle_timeout_ms: idle_timeout_ms?,
+                max_future_ms: max_future_ms?,
                 allowed_lateness_ms: allowed_lateness_ms?,
                 // Resolved against `dead_letter` in `cross_checks`.
                 on_late: on_late?.unwrap_or(OnLate::Drop),

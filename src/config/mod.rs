@@ -130,6 +130,9 @@ pub struct Source {
     pub event_time: usize,
     pub max_out_of_order_ms: i64,
     pub idle_timeout_ms: i64,
+    /// Events stamped further than this ahead of the wall clock are rejected as `future`
+    /// (`None`: never): one such event would carry the watermark ahead of every real event.
+    pub max_future_ms: Option<i64>,
     pub allowed_lateness_ms: i64,
     pub on_late: OnLate,
     /// Events larger than this are rejected as `too_large` before decoding.

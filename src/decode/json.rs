@@ -386,7 +386,9 @@ impl JsonDecoder {
         }
         let schema = &self.source.schema;
         let mut fields = vec![Value::Null; schema.fields.len()];
-        let mut schema_error: Option<String> = None;
+        // Fields whose latest value has the wrong type (a duplicate key's last value wins, so
+        // a later good value clears an earlier error); empty and unallocated for good events.
+        let mut schema_errors: Vec<(usize, String)> = Vec::new();
         let mut next_guess = 0;
         let parsed = (|| -> Result<(), Syntax> {
             parser.at += 1;
@@ -409,10 +411,14 @@ impl JsonDecoder {
                     if let Some(index) = index {
                         next_guess = index + 1;
                         let def = &schema.fields[index];
+                        if !schema_errors.is_empty() {
+                            schema_errors.retain(|(field, _)| *field != index);
+                        }
                         match typed(&def.name, def.ty, found) {
                             Ok(value) => fields[index] = value,
                             Err(message) => {
-                                schema_error.get_or_insert(message);
+                                fields[index] = Value::Null;
+                                schema_errors.push((index, message));
                             }
                         }
                     }
@@ -436,12 +442,12 @@ impl JsonDecoder {
             }
             Ok(())
         })();
-        match (parsed, schema_error) {
+        match (parsed, schema_errors.into_iter().next()) {
             (Err(e), _) => Err(Rejection::new(
                 RejectReason::Malformed,
                 format!("invalid JSON: {} at byte {}", e.what, e.at),
             )),
-            (Ok(()), Some(message)) => Err(Rejection::new(RejectReason::Schema, message)),
+            (Ok(()), Some((_, message))) => Err(Rejection::new(RejectReason::Schema, message)),
             (Ok(()), None) => finish_event(&self.source, fields),
         }
     }

@@ -67,16 +67,19 @@ pub enum RejectReason {
     UnknownSchema,
     /// Older than the watermark minus the allowed lateness.
     Late,
+    /// Stamped further ahead of the wall clock than `source.watermark.max_future`.
+    Future,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::Malformed,
         RejectReason::TooLarge,
         RejectReason::Schema,
         RejectReason::MissingField,
         RejectReason::UnknownSchema,
         RejectReason::Late,
+        RejectReason::Future,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +90,7 @@ impl RejectReason {
             RejectReason::MissingField => "missing_field",
             RejectReason::UnknownSchema => "unknown_schema",
             RejectReason::Late => "late",
+            RejectReason::Future => "future",
         }
     }
 }
@@ -195,6 +199,24 @@ fn check_required(schema: &Schema, fields: &[Value<'_>]) -> Result<(), Rejection
         }
     }
     Ok(())
+}
+
+/// Rejects an event stamped more than `source.watermark.max_future` after `now_ms`, the wall
+/// clock when it is read. Without this, one event with a wrong year would move the watermark
+/// years ahead, and every correct event after it would be late.
+pub fn check_not_future(source: &Source, time_ms: i64, now_ms: i64) -> Result<(), Rejection> {
+    match source.max_future_ms {
+        Some(max) if time_ms > now_ms.saturating_add(max) => Err(Rejection::new(
+            RejectReason::Future,
+            format!(
+                "event time {} is more than {} ahead of the clock ({}); raise source.watermark.max_future if such events are expected",
+                time::format_rfc3339_ms(time_ms),
+                crate::config::duration::format_duration_ms(max),
+                time::format_rfc3339_ms(now_ms)
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Rejects an event larger than `source.max_event_bytes` before any decoding.

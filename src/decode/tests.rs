@@ -295,3 +295,49 @@ fn json_grammar_edges_agree_with_serde_json() {
         }
     }
 }
+
+#[test]
+fn a_duplicate_key_takes_its_last_value_whatever_the_first_was() {
+    let decoder = JsonDecoder::new(&source(""));
+    let e = decoder
+        .decode(br#"{"id":"a","n":"oops","ts":1700000000000,"n":7}"#)
+        .expect("the last value of `n` is an int");
+    assert_eq!(e.fields[1], Value::Int(7));
+    let e = decoder
+        .decode(br#"{"id":"a","n":1,"ts":"bad","ts":1700000000000}"#)
+        .expect("the last value of `ts` is a time");
+    assert_eq!(e.time_ms, 1_700_000_000_000);
+    let e = decoder
+        .decode(br#"{"id":"a","n":1,"x":{"deep":1},"ts":1700000000000,"x":2.5}"#)
+        .expect("the last value of `x` is a number");
+    assert_eq!(e.fields[2], Value::Float(2.5));
+    // The other way round the last value is wrong, and that is what counts.
+    let rejection = decoder
+        .decode(br#"{"id":"a","n":7,"ts":1700000000000,"n":"oops"}"#)
+        .expect_err("the last value of `n` is a string");
+    assert_eq!(rejection.reason, RejectReason::Schema);
+    assert!(rejection.message.contains("`n`"), "{}", rejection.message);
+}
+
+#[test]
+fn events_far_ahead_of_the_clock_are_rejected_as_future() {
+    let now = 1_800_000_000_000;
+    let default = source("");
+    assert_eq!(
+        default.max_future_ms,
+        Some(3_600_000),
+        "default is one hour"
+    );
+    assert!(check_not_future(&default, now + 3_600_000, now).is_ok());
+    let rejection = check_not_future(&default, now + 3_600_001, now).expect_err("too far ahead");
+    assert_eq!(rejection.reason, RejectReason::Future);
+    assert!(
+        rejection.message.contains("max_future"),
+        "{}",
+        rejection.message
+    );
+    let off = source("  watermark: { max_future: never }");
+    assert!(check_not_future(&off, i64::MAX, now).is_ok());
+    let tight = source("  watermark: { max_future: 5s }");
+    assert!(check_not_future(&tight, now + 6_000, now).is_err());
+}

@@ -392,10 +392,12 @@ impl MomentsAcc {
         self.shift + self.s1.value() / self.n as f64
     }
 
-    /// Sum of squared deviations from the mean.
+    /// Sum of squared deviations from the mean; NaN when the sums overflowed (`f64::max`
+    /// would turn that NaN into 0, a wrong spread instead of null).
     fn m2(&self) -> f64 {
         let s1 = self.s1.value();
-        (self.s2.value() - s1 * s1 / self.n as f64).max(0.0)
+        let m2 = self.s2.value() - s1 * s1 / self.n as f64;
+        if m2.is_nan() { m2 } else { m2.max(0.0) }
     }
 }
 

@@ -829,3 +829,28 @@ fn snapshots_of_an_earlier_layout_are_refused_with_a_way_out() {
         );
     }
 }
+
+#[test]
+fn a_spread_that_overflows_is_null_never_zero() {
+    let p = card_pipeline(
+        "overflow",
+        r#"
+features:
+  - { name: var, agg: variance, field: amount, window: lifetime }
+  - { name: sd, agg: stddev, field: amount, window: { sliding: 10m } }
+  - { name: sd_pop, agg: stddev_pop, field: amount, window: lifetime }
+"#,
+    );
+    let mut engine = Engine::new(Arc::clone(&p));
+    engine.assign(0, 0);
+    let mut records = Vec::new();
+    for (amount, at) in [(1e200, 0), (-1e200, 1_000)] {
+        engine.process(0, &paid(1, amount, at).decoded(), 0, &mut records);
+    }
+    let (_, values) = engine.lookup("c1").expect("c1 has state");
+    assert_eq!(
+        values,
+        vec![FeatureValue::Null; 3],
+        "the squares of 2e200 overflow f64"
+    );
+}

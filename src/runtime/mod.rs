@@ -36,7 +36,7 @@ use crate::config::{Format, OnLate, Pipeline, StartOffset};
 use crate::connectors::kafka::{check_topics, client_config, log_error, log_line};
 use crate::decode::avro::{AvroDecoder, AvroError};
 use crate::decode::json::JsonDecoder;
-use crate::decode::{RejectReason, Rejection};
+use crate::decode::{RejectReason, Rejection, check_not_future};
 use crate::engine::{Engine, FeatureValue, Outcome, RecordSink};
 use crate::telemetry;
 
@@ -497,6 +497,11 @@ impl Worker {
                         other => break other,
                     }
                 };
+                let decoded = decoded.and_then(|event| {
+                    check_not_future(&pipeline.source, event.time_ms, now)
+                        .map(|()| event)
+                        .map_err(AvroError::Rejected)
+                });
                 match decoded {
                     Err(AvroError::Rejected(rejection)) => {
                         rejected.push((BorrowedMessageRef(index), rejection))
