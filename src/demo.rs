@@ -41,6 +41,33 @@ pub struct DemoOutcome {
     pub sample_entity: Option<String>,
     pub shared: Arc<Shared>,
     pub http: Option<SocketAddr>,
+    /// The HTTP API's runtime, kept running for `--serve`.
+    server: Option<HttpServer>,
+}
+
+/// The demo's HTTP API: its runtime and the signal that stops it.
+struct HttpServer {
+    runtime: tokio::runtime::Runtime,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl HttpServer {
+    fn shut_down(self) {
+        self.stop.notify_waiters();
+        self.runtime.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+impl DemoOutcome {
+    /// With `--serve`, keeps the HTTP API up (on the state the demo built) until Ctrl-C.
+    pub fn serve_until_ctrl_c(mut self) {
+        if let Some(server) = self.server.take() {
+            if self.http.is_some() {
+                let _ = server.runtime.block_on(tokio::signal::ctrl_c());
+            }
+            server.shut_down();
+        }
+    }
 }
 
 /// Produces the demo events into the mock cluster and returns how many were bad and late.
@@ -209,18 +236,17 @@ pub fn run_demo(
     let mut report = report?;
     report.elapsed = started.elapsed();
 
-    if options.serve
-        && let Some(addr) = bound
-    {
-        eprintln!(
-            "Serving the HTTP API on http://{addr} until Ctrl-C (try: curl http://{addr}/v1/features/{}/{sample_entity})",
-            pipeline.name
-        );
-        let _ = runtime.block_on(tokio::signal::ctrl_c());
-    }
-    http_stop.notify_waiters();
-    runtime.shutdown_timeout(Duration::from_secs(2));
     drop(cluster);
+    let server = HttpServer {
+        runtime,
+        stop: http_stop,
+    };
+    let server = if options.serve {
+        Some(server)
+    } else {
+        server.shut_down();
+        None
+    };
     Ok(DemoOutcome {
         report,
         produced_bad,
@@ -228,6 +254,7 @@ pub fn run_demo(
         sample_entity: Some(sample_entity),
         shared,
         http: bound,
+        server,
     })
 }
 
@@ -238,7 +265,7 @@ pub fn print_outcome(outcome: &DemoOutcome, out_dir: &Path, events: u64) {
     println!();
     println!("featurestream demo: the card-fraud quickstart pipeline on an in-process Kafka");
     println!(
-        "  events in         {:>10}  (generated: {} malformed or mistyped, {} late)",
+        "  events in         {:>10}  (generated: {} malformed or mistyped, {} stamped an hour behind)",
         r.consumed, outcome.produced_bad, outcome.produced_late
     );
     println!("  aggregated        {:>10}", r.aggregated);
@@ -252,7 +279,10 @@ pub fn print_outcome(outcome: &DemoOutcome, out_dir: &Path, events: u64) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  late              {:>10}", r.late);
+    println!(
+        "  late              {:>10}  (events stamped behind are late only once the watermark, the slowest partition's, has passed them)",
+        r.late
+    );
     println!(
         "  reconciles        {:>10}",
         if r.consumed == r.aggregated + rejected + r.late {
@@ -288,17 +318,22 @@ pub fn print_outcome(outcome: &DemoOutcome, out_dir: &Path, events: u64) {
     }
     if let Some(p) = &r.parquet_dir {
         println!(
-            "  Parquet folder    {}   (python3 -c \"import pyarrow.dataset as d; print(d.dataset('{}/card_fraud', partitioning='hive').to_table().num_rows)\")",
+            "  Parquet folder    {}   (with pyarrow: python3 -c \"import pyarrow.dataset as d; print(d.dataset('{}/card_fraud', partitioning='hive').to_table().num_rows)\")",
             p.display(),
             p.display()
         );
     }
     println!("  state checkpoints {}", r.state_dir.display());
     println!("  demo folder       {}", out_dir.display());
-    if let Some(addr) = outcome.http {
-        println!(
+    match (outcome.http, &outcome.server, &outcome.sample_entity) {
+        (Some(addr), Some(_), Some(entity)) => println!(
+            "  HTTP API          http://{addr} until Ctrl-C (try: curl http://{addr}/v1/features/{}/{entity})",
+            outcome.shared.pipeline.name
+        ),
+        (Some(addr), _, _) => println!(
             "  HTTP API          was on http://{addr} (run `featurestream demo --serve` to keep it up)"
-        );
+        ),
+        _ => {}
     }
     println!(
         "Next: `featurestream validate pipelines/*.yaml`, `featurestream replay`, and README.md for a real Kafka."

@@ -65,9 +65,14 @@ enum Command {
     },
     /// Run a pipeline over a file of historical events (JSONL, JSONL.gz or Parquet).
     Replay {
+        /// The pipeline file.
         pipeline: PathBuf,
+        /// Historical events: JSONL (one object per line), gzip-compressed JSONL, or Parquet
+        /// (by the `.parquet` extension); processed in file order.
         #[arg(long)]
         input: PathBuf,
+        /// Folder for features.jsonl, rejected.jsonl, summary.json and parquet/ (created if
+        /// needed; a replay's earlier outputs there are replaced).
         #[arg(long)]
         output: PathBuf,
         /// Never show a progress bar.
@@ -288,6 +293,7 @@ fn main() -> ExitCode {
             match featurestream::demo::run_demo(options, metrics) {
                 Ok(outcome) => {
                     featurestream::demo::print_outcome(&outcome, &out, events);
+                    outcome.serve_until_ctrl_c();
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -19,7 +19,25 @@ fn coarser_step(size_ms: i64) -> i64 {
     ROUND
         .into_iter()
         .find(|&step| step >= least && size_ms % step == 0)
-        .unwrap_or(least)
+        .unwrap_or_else(|| smallest_divisor_from(size_ms, least))
+}
+
+/// The smallest divisor of `n` that is at least `least` (`n` itself at worst): a step the size
+/// is a whole multiple of. Trial division up to √n, under two million steps for any duration.
+fn smallest_divisor_from(n: i64, least: i64) -> i64 {
+    let mut best = n;
+    let mut d = 1;
+    while d * d <= n {
+        if n % d == 0 {
+            for divisor in [d, n / d] {
+                if divisor >= least && divisor < best {
+                    best = divisor;
+                }
+            }
+        }
+        d += 1;
+    }
+    best
 }
 use super::expr::Expr;
 use super::yaml::{self, Node, NodeKind, Pos};
@@ -728,12 +746,14 @@ impl Compiler {
             );
         }
         if let (Some(name), Some(n)) = (&name, entries.get("name"))
-            && ["entity", "as_of", "snapshot_time"].contains(&name.as_str())
+            && ["entity", "as_of", "snapshot_time", "date", "hour"].contains(&name.as_str())
         {
             self.error(
                 n.pos,
                 &join(path, "name"),
-                format!("`{name}` is a reserved column name"),
+                format!(
+                    "`{name}` is a reserved column name (Parquet outputs have `entity`, `as_of` and `snapshot_time` columns and `date=`/`hour=` partitions)"
+                ),
             );
         }
         let agg = self

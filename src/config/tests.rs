@@ -200,6 +200,19 @@ fn windows_are_checked() {
         ),
         "{errs:#?}"
     );
+    // No round step divides 1,000,001 ms (101 × 9,901): the suggestion still divides it.
+    let errs = errors(
+        &VALID
+            .replace("emit: on_update", "emit: on_window_close")
+            .replace(
+                "{ hopping: 1h, step: 5m }",
+                "{ hopping: 1000001ms, step: 1ms }",
+            ),
+    );
+    assert!(
+        has(&errs, "features[1].window", "use a step of at least 101ms"),
+        "{errs:#?}"
+    );
     let errs = errors(&VALID.replace("{ session: 30m }", "{ session: 300000000d }"));
     assert!(
         has(
@@ -275,4 +288,15 @@ features:
         !e.iter().any(|x| x.message.contains("not declared")),
         "{e:?}"
     );
+}
+
+#[test]
+fn output_column_and_partition_names_are_reserved() {
+    for reserved in ["entity", "as_of", "snapshot_time", "date", "hour"] {
+        let errs = errors(&VALID.replacen("name: txn_count_10m", &format!("name: {reserved}"), 1));
+        assert!(
+            has(&errs, "features[0].name", "is a reserved column name"),
+            "{reserved}: {errs:#?}"
+        );
+    }
 }

@@ -30,9 +30,9 @@ struct Syntax {
 enum Found<'a> {
     Str(Cow<'a, str>),
     Int(i64),
-    /// An integer outside the i64 range.
-    BigInt(f64),
-    Float(f64),
+    /// An integer outside the i64 range, with its text (for messages).
+    BigInt(f64, &'a str),
+    Float(f64, &'a str),
     Bool(bool),
     Null,
     Object,
@@ -199,9 +199,9 @@ impl<'a> Parser<'a> {
         }
         match text.parse::<f64>() {
             Ok(f) if f.is_finite() => Ok(if integer {
-                Found::BigInt(f)
+                Found::BigInt(f, text)
             } else {
-                Found::Float(f)
+                Found::Float(f, text)
             }),
             _ => Err(Syntax {
                 at: start,
@@ -307,6 +307,16 @@ fn plain_run(bytes: &[u8]) -> usize {
         .unwrap_or(words.remainder().len())
 }
 
+/// A number's text for a message, cut short if it is very long.
+fn quote_number(text: &str) -> String {
+    const LIMIT: usize = 40;
+    if text.len() <= LIMIT {
+        text.to_string()
+    } else {
+        format!("{}... ({} characters)", &text[..LIMIT], text.len())
+    }
+}
+
 fn quote_prefix(s: &str) -> String {
     const LIMIT: usize = 40;
     if s.len() <= LIMIT {
@@ -340,11 +350,15 @@ fn typed<'a>(name: &str, ty: FieldType, found: Found<'a>) -> Result<Value<'a>, S
         (FieldType::Float, Found::Int(i)) => Ok(Value::Float(i as f64)),
         (FieldType::Timestamp, Found::Int(i)) => Ok(Value::Ts(i)),
         (_, Found::Int(i)) => Err(wrong(format!("the number {i}"))),
-        (FieldType::Float, Found::BigInt(f) | Found::Float(f)) => Ok(Value::Float(f)),
-        (FieldType::Int | FieldType::Timestamp, Found::BigInt(f)) => {
-            Err(wrong(format!("{f}, outside the 64-bit integer range")))
+        (FieldType::Float, Found::BigInt(f, _) | Found::Float(f, _)) => Ok(Value::Float(f)),
+        (FieldType::Int | FieldType::Timestamp, Found::BigInt(_, text)) => Err(wrong(format!(
+            "{}, outside the 64-bit integer range",
+            quote_number(text)
+        ))),
+        // The number as written: `12.0` is not an integer, and printing it as `12` would hide why.
+        (_, Found::BigInt(_, text) | Found::Float(_, text)) => {
+            Err(wrong(format!("the number {}", quote_number(text))))
         }
-        (_, Found::BigInt(f) | Found::Float(f)) => Err(wrong(format!("the number {f}"))),
         (FieldType::Bool, Found::Bool(b)) => Ok(Value::Bool(b)),
         (_, Found::Bool(b)) => Err(wrong(b.to_string())),
         (_, Found::Object) => Err(wrong("an object".into())),

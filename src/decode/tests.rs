@@ -341,3 +341,20 @@ fn events_far_ahead_of_the_clock_are_rejected_as_future() {
     let tight = source("  watermark: { max_future: 5s }");
     assert!(check_not_future(&tight, now + 6_000, now).is_err());
 }
+
+#[test]
+fn a_number_of_the_wrong_kind_is_quoted_as_written() {
+    let decoder = JsonDecoder::new(&source(""));
+    let message = |bytes: &[u8]| decoder.decode(bytes).expect_err("rejected").message;
+    let m = message(br#"{"id":"a","n":12.0,"ts":1700000000000}"#);
+    assert!(m.contains("found the number 12.0"), "{m}");
+    let m = message(br#"{"id":"a","n":1e3,"ts":1700000000000}"#);
+    assert!(m.contains("found the number 1e3"), "{m}");
+    let m = message(br#"{"id":"a","n":9223372036854775808,"ts":1700000000000}"#);
+    assert!(
+        m.contains("9223372036854775808, outside the 64-bit integer range"),
+        "{m}"
+    );
+    let m = message(br#"{"id":"a","n":1,"ts":1772409560000.0}"#);
+    assert!(m.contains("found the number 1772409560000.0"), "{m}");
+}
