@@ -235,14 +235,88 @@ fn replay_into_a_used_folder_keeps_only_its_own_parquet_files() {
     assert_ne!(log_after_half, log_after_full);
 }
 
+/// A replay that fails part-way leaves no summary describing outputs it has partly replaced,
+/// and one with a wrong input path touches nothing.
+#[test]
+fn a_failed_replay_leaves_no_stale_summary() {
+    use std::io::Write;
+
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = repo("pipelines/card_fraud.yaml");
+    let sample = repo("pipelines/samples/card_fraud.jsonl");
+    let results = dir.path().join("results");
+    assert!(replay(&pipeline, &sample, &results).status.success());
+    let summary = results.join("summary.json");
+    let before = std::fs::read_to_string(&summary).unwrap();
+
+    let missing = replay(&pipeline, &dir.path().join("nope.jsonl"), &results);
+    assert!(!missing.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&summary).unwrap(),
+        before,
+        "a wrong input path changes nothing"
+    );
+
+    // A gzip file cut short: its first lines are replayed, then reading fails.
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(&std::fs::read(&sample).unwrap()).unwrap();
+    let gz = encoder.finish().unwrap();
+    let cut = dir.path().join("cut.jsonl.gz");
+    std::fs::write(&cut, &gz[..gz.len() / 2]).unwrap();
+    let failed = replay(&pipeline, &cut, &results);
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("incomplete"),
+        "{}",
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert!(!summary.exists(), "no summary of a replay that failed");
+}
+
+/// One event stamped decades ahead is rejected as `future` and changes nothing for the others
+/// (without the check it carried the watermark to 2062 and made every later event late).
+#[test]
+fn an_event_from_the_future_does_not_make_the_rest_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = repo("pipelines/card_fraud.yaml");
+    let sample = repo("pipelines/samples/card_fraud.jsonl");
+    let text = std::fs::read_to_string(&sample).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let poison = lines[99].replace("\"ts\":\"2026-", "\"ts\":\"2062-");
+    assert_ne!(poison, lines[99], "the sample's times are in 2026");
+    lines.insert(100, poison);
+    let poisoned = dir.path().join("poisoned.jsonl");
+    std::fs::write(&poisoned, lines.join("\n") + "\n").unwrap();
+
+    let summary = |input: &Path, out: &str| -> serde_json::Value {
+        let out = dir.path().join(out);
+        let run = replay(&pipeline, input, &out);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+    };
+    let clean = summary(&sample, "clean");
+    let with_poison = summary(&poisoned, "poisoned");
+    assert_eq!(with_poison["rejected_by_reason"]["future"], 1);
+    assert_eq!(with_poison["aggregated"], clean["aggregated"]);
+    assert_eq!(with_poison["late"], clean["late"]);
+    assert_eq!(with_poison["watermark"], clean["watermark"]);
+}
+
 /// The same events as JSONL, gzip-compressed JSONL and Parquet give the same records.
 #[test]
 fn replay_reads_gzip_and_parquet_inputs() {
     use std::io::Write;
     use std::sync::Arc;
 
-    use arrow::array::{ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
-    use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use arrow::array::{
+        ArrayRef, Decimal128Array, DictionaryArray, Float64Array, StringArray,
+        TimestampMillisecondArray,
+    };
+    use arrow::datatypes::{DataType, Field, Int8Type, Schema, TimeUnit};
     use arrow::record_batch::RecordBatch;
 
     let dir = tempfile::tempdir().unwrap();
@@ -296,9 +370,57 @@ fn replay_reads_gzip_and_parquet_inputs() {
             .unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
+    // As pandas writes categories and databases write money: dictionary-encoded strings and
+    // decimals.
+    let typed_schema = Arc::new(Schema::new(vec![
+        Field::new(
+            "card_id",
+            DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8)),
+            false,
+        ),
+        Field::new("merchant_id", DataType::Utf8, false),
+        Field::new("amount", DataType::Decimal128(10, 2), false),
+        Field::new(
+            "status",
+            DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8)),
+            false,
+        ),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            false,
+        ),
+    ]));
+    let cents: Vec<i128> = amounts.iter().map(|a| (a * 100.0) as i128).collect();
+    let typed_columns: Vec<ArrayRef> = vec![
+        Arc::new(DictionaryArray::<Int8Type>::from_iter(
+            cards.iter().copied(),
+        )),
+        Arc::new(StringArray::from(
+            (0..5).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+        )),
+        Arc::new(
+            Decimal128Array::from(cents)
+                .with_precision_and_scale(10, 2)
+                .unwrap(),
+        ),
+        Arc::new(DictionaryArray::<Int8Type>::from_iter(["approved"; 5])),
+        Arc::new(TimestampMillisecondArray::from(times.clone()).with_timezone("UTC")),
+    ];
+    let typed = dir.path().join("typed.parquet");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(&typed).unwrap(),
+        typed_schema.clone(),
+        None,
+    )
+    .unwrap();
+    writer
+        .write(&RecordBatch::try_new(typed_schema, typed_columns).unwrap())
+        .unwrap();
+    writer.close().unwrap();
 
     let mut outputs = Vec::new();
-    for input in [&plain, &gz, &pq] {
+    for input in [&plain, &gz, &pq, &typed] {
         let out = dir.path().join(
             input
                 .file_name()
@@ -317,6 +439,10 @@ fn replay_reads_gzip_and_parquet_inputs() {
     assert_eq!(outputs[0].lines().count(), 5);
     assert_eq!(outputs[0], outputs[1], "gzip input");
     assert_eq!(outputs[0], outputs[2], "Parquet input");
+    assert_eq!(
+        outputs[0], outputs[3],
+        "Parquet input with dictionary and decimal columns"
+    );
 }
 
 /// The README's first command: the embedded demo, with more events than the mock cluster keeps

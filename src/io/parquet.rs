@@ -214,8 +214,8 @@ pub fn write_atomic(dir: &Path, name: &str, batch: &RecordBatch) -> Result<PathB
 pub struct ParquetEvents {
     batches: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
     current: Option<RecordBatch>,
-    /// For each declared field, the column index in the current batch.
-    columns: Vec<Option<usize>>,
+    /// For each declared field, its column in the current batch, in a type [`cell`] reads.
+    columns: Vec<Option<ArrayRef>>,
     row: usize,
     path: PathBuf,
 }
@@ -271,21 +271,25 @@ impl ParquetEvents {
                         .schema
                         .fields
                         .iter()
-                        .map(|f| schema.index_of(&f.name).ok())
+                        .map(|f| {
+                            let index = schema.index_of(&f.name).ok()?;
+                            Some(readable(batch.column(index)))
+                        })
                         .collect();
                     self.current = Some(batch);
                     self.row = 0;
                 }
             }
         }
-        let batch = self.current.as_ref()?;
         let row = self.row;
         self.row += 1;
         let mut values = Vec::with_capacity(self.columns.len());
         let mut error = None;
         let mut json = serde_json::Map::new();
         for (def, column) in pipeline.source.schema.fields.iter().zip(&self.columns) {
-            let raw = column.map_or(Ok(Value::Null), |c| cell(batch.column(c).as_ref(), row));
+            let raw = column
+                .as_ref()
+                .map_or(Ok(Value::Null), |c| cell(c.as_ref(), row));
             let raw = match raw {
                 Ok(v) => v,
                 Err(found) => {
@@ -321,6 +325,32 @@ fn to_json(value: &Value<'_>) -> serde_json::Value {
         Value::Float(f) => serde_json::Value::from(*f),
         Value::Bool(b) => serde_json::Value::Bool(*b),
     }
+}
+
+/// A column in a type [`cell`] reads: dictionary-encoded columns (pandas categories) decoded,
+/// decimals and half floats as float64, string views as strings, dates as timestamps. Any
+/// other type, or a cast that fails, is left as it is (and its cells are reported).
+fn readable(column: &ArrayRef) -> ArrayRef {
+    let mut column = Arc::clone(column);
+    // Twice at most: a dictionary of decimals becomes decimals, then floats.
+    for _ in 0..2 {
+        let target = match column.data_type() {
+            DataType::Dictionary(_, values) => values.as_ref().clone(),
+            DataType::Decimal32(..)
+            | DataType::Decimal64(..)
+            | DataType::Decimal128(..)
+            | DataType::Decimal256(..)
+            | DataType::Float16 => DataType::Float64,
+            DataType::Utf8View => DataType::Utf8,
+            DataType::Date32 | DataType::Date64 => DataType::Timestamp(TimeUnit::Millisecond, None),
+            _ => break,
+        };
+        match arrow::compute::cast(&column, &target) {
+            Ok(cast) => column = cast,
+            Err(_) => break,
+        }
+    }
+    column
 }
 
 /// One cell as a [`Value`]; `Err` names an Arrow type we do not read.
