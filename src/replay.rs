@@ -380,8 +380,10 @@ pub fn replay(
             });
             let mut buf = Vec::with_capacity(1024);
             let mut line = 0u64;
-            while reader
-            .next_line(&mut buf)
+            // Enough of a line to know it is too large: longer ones are not held in memory.
+            let max_bytes = pipeline.source.max_event_bytes;
+            while let Some(length) = reader
+            .next_line(&mut buf, max_bytes.saturating_add(1))
             .with_context(|| {
                 format!(
                     "cannot read {} after line {line} (the lines before it were processed; its outputs are incomplete)",
@@ -390,11 +392,21 @@ pub fn replay(
             })?
         {
             line += 1;
-            if buf.iter().all(u8::is_ascii_whitespace) {
+            if length == buf.len() && buf.iter().all(u8::is_ascii_whitespace) {
                 summary.blank_lines += 1;
                 continue;
             }
-            let decoded = decoder.decode(&buf);
+            let decoded = if length > buf.len() {
+                Err(Rejection::new(
+                    RejectReason::TooLarge,
+                    format!(
+                        "event is {length} bytes, more than source.max_event_bytes ({max_bytes}); its first {} bytes are kept here",
+                        buf.len()
+                    ),
+                ))
+            } else {
+                decoder.decode(&buf)
+            };
             handle(&mut summary, &mut engine, &mut sink, line, decoded, &buf)?;
             if let Some(bar) = &bar
                 && line.is_multiple_of(8192)

@@ -83,10 +83,13 @@ pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
         || day > days_in_month(year, month)
         || hour > 23
         || minute > 59
-        || second > 59
+        || second > 60
     {
         return None;
     }
+    // A leap second (`23:59:60`, which RFC 3339 allows) is read as the second before it, as
+    // epoch time has no instant of its own for it.
+    let second = second.min(59);
     let mut at = 19;
     let mut millis = 0u32;
     if b.get(at) == Some(&b'.') {
@@ -201,6 +204,11 @@ mod tests {
             parse_rfc3339_ms("2024-02-29 00:00:00.123456789z"),
             Some(1_709_164_800_123)
         );
+        // The leap second at the end of 2016 reads as the second before it.
+        assert_eq!(
+            parse_rfc3339_ms("2016-12-31T23:59:60.250Z"),
+            parse_rfc3339_ms("2016-12-31T23:59:59.250Z")
+        );
     }
 
     #[test]
@@ -209,6 +217,7 @@ mod tests {
             "2023-02-29T00:00:00Z",
             "2026-13-01T00:00:00Z",
             "2026-01-01T24:00:00Z",
+            "2026-01-01T00:00:61Z",
             "2026-01-01T00:00:00",
             "2026-01-01T00:00:00.Z",
             "2026-01-01",

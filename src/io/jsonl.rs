@@ -63,24 +63,47 @@ impl LineReader {
         self.bytes_read.load(Ordering::Relaxed)
     }
 
-    /// Reads the next line into `buf` without its line ending; false at the end.
-    pub fn next_line(&mut self, buf: &mut Vec<u8>) -> io::Result<bool> {
+    /// Reads the next line into `buf` without its line ending, keeping at most `keep` bytes of
+    /// it, and returns the line's whole length (`None` at the end). A line longer than `keep`
+    /// is read through but not held: one huge line costs no more memory than `keep`.
+    pub fn next_line(&mut self, buf: &mut Vec<u8>, keep: usize) -> io::Result<Option<usize>> {
         buf.clear();
-        if self.reader.read_until(b'\n', buf)? == 0 {
-            return Ok(false);
-        }
-        if buf.last() == Some(&b'\n') {
-            buf.pop();
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
+        let mut length = 0usize;
+        let mut ended = false;
+        let mut any = false;
+        while !ended {
+            let available = self.reader.fill_buf()?;
+            if available.is_empty() {
+                break;
             }
+            any = true;
+            let chunk = match available.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    ended = true;
+                    &available[..end]
+                }
+                None => available,
+            };
+            let room = keep.saturating_sub(buf.len());
+            buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            length += chunk.len();
+            let used = chunk.len() + usize::from(ended);
+            self.reader.consume(used);
+        }
+        if !any {
+            return Ok(None);
+        }
+        if length <= keep && buf.last() == Some(&b'\r') {
+            buf.pop();
+            length -= 1;
         }
         // Files saved by some Windows tools start with a byte-order mark; it is not part of
         // the first event.
         if std::mem::take(&mut self.first) && buf.starts_with(b"\xEF\xBB\xBF") {
             buf.drain(..3);
+            length -= 3;
         }
-        Ok(true)
+        Ok(Some(length))
     }
 }
 
@@ -96,11 +119,31 @@ mod tests {
             .expect("written");
         let mut reader = LineReader::open(&path).expect("opens");
         let mut line = Vec::new();
-        assert!(reader.next_line(&mut line).expect("reads"));
+        assert_eq!(reader.next_line(&mut line, 100).expect("reads"), Some(7));
         assert_eq!(line, b"{\"a\":1}");
         // Only the file's first bytes are a mark; elsewhere they are the line's content.
-        assert!(reader.next_line(&mut line).expect("reads"));
+        assert_eq!(reader.next_line(&mut line, 100).expect("reads"), Some(10));
         assert_eq!(line, b"\xEF\xBB\xBF{\"a\":2}");
-        assert!(!reader.next_line(&mut line).expect("reads"));
+        assert_eq!(reader.next_line(&mut line, 100).expect("reads"), None);
+    }
+
+    #[test]
+    fn a_line_longer_than_kept_is_measured_but_not_held() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("long.jsonl");
+        let long = "x".repeat(200_000);
+        std::fs::write(&path, format!("{long}\r\nshort\nlast")).expect("written");
+        let mut reader = LineReader::open(&path).expect("opens");
+        let mut line = Vec::new();
+        assert_eq!(
+            reader.next_line(&mut line, 10).expect("reads"),
+            Some(200_001)
+        );
+        assert_eq!(line.len(), 10, "only the kept prefix is held");
+        assert_eq!(reader.next_line(&mut line, 10).expect("reads"), Some(5));
+        assert_eq!(line, b"short");
+        assert_eq!(reader.next_line(&mut line, 10).expect("reads"), Some(4));
+        assert_eq!(line, b"last");
+        assert_eq!(reader.next_line(&mut line, 10).expect("reads"), None);
     }
 }

@@ -367,8 +367,11 @@ impl Worker {
         rejection: &Rejection,
     ) -> anyhow::Result<()> {
         let reason = rejection.reason.as_str();
-        metrics::counter!(telemetry::EVENTS_REJECTED, "pipeline" => self.pipeline().name.clone(), "reason" => reason)
-            .increment(u64::from(rejection.reason != RejectReason::Late));
+        // Late events have their own counter; a `reason="late"` series here would stay at 0.
+        if rejection.reason != RejectReason::Late {
+            metrics::counter!(telemetry::EVENTS_REJECTED, "pipeline" => self.pipeline().name.clone(), "reason" => reason)
+                .increment(1);
+        }
         let Some(topic) = self.dead_letter_topic.as_deref() else {
             tracing::debug!(
                 reason,
