@@ -160,7 +160,24 @@ fn run_command(
             return ExitCode::from(1);
         }
     };
-    runtime.spawn(wait_for_signal(Arc::clone(&stop)));
+    // Signals are awaited on a thread of their own, so that nothing the HTTP API's runtime
+    // is busy with can delay a shutdown.
+    let signal_stop = Arc::clone(&stop);
+    let signals = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(signal_runtime) => signal_runtime.block_on(wait_for_signal(signal_stop)),
+                Err(e) => tracing::error!("Cannot listen for shutdown signals: {e}"),
+            }
+        });
+    if let Err(e) = signals {
+        eprintln!("error: cannot start the signal thread: {e}");
+        return ExitCode::from(1);
+    }
     let http_stop = Arc::new(tokio::sync::Notify::new());
     if let Some(addr) = options.http {
         let state = featurestream::serve::AppState {

@@ -174,9 +174,32 @@ impl Engine {
     /// Starts owning an input partition with empty state.
     pub fn assign(&mut self, partition: u32, now_ms: i64) {
         if !self.partitions.contains_key(&partition) {
+            // A partition joining others (a hand-over, a new partition of the topic) has not
+            // been seen here: until it has data or is idle, the pipeline watermark is not
+            // defined, and none of its events can be late for having moved.
+            if !self.partitions.is_empty() {
+                self.watermark = i64::MIN;
+            }
             self.partitions.insert(partition, self.empty_partition());
         }
         self.last_activity.insert(partition, now_ms);
+    }
+
+    /// After a partition arrived with its state: the watermark is the minimum over the
+    /// partitions owned, so one that is behind the others (handed over from an instance that
+    /// was behind, or a backlog) brings it back to its own. Its events are then judged late or
+    /// not as they were where it came from. Only ever lowers; events raise it again.
+    fn lower_watermark_to(&mut self, partition: u32) {
+        let own = self
+            .partitions
+            .get(&partition)
+            .and_then(|p| p.max_event_time)
+            .map(|max| max.saturating_sub(self.pipeline.source.max_out_of_order_ms));
+        if let Some(own) = own
+            && own < self.watermark
+        {
+            self.watermark = own;
+        }
     }
 
     fn empty_partition(&self) -> PartitionState {
@@ -306,8 +329,13 @@ impl Engine {
     }
 
     /// Re-evaluates idleness with the current processing time; may advance the watermark.
+    /// Also fires what is already due: timers of a partition restored behind the watermark.
     pub fn tick(&mut self, now_ms: i64, sink: &mut dyn RecordSink) {
+        let before = self.watermark;
         self.advance(now_ms, sink);
+        if self.watermark == before && before != i64::MIN {
+            self.fire_timers(sink);
+        }
     }
 
     /// Recomputes the watermark and, if it moved, fires every timer it passed.
@@ -526,6 +554,7 @@ impl Engine {
         }
         self.partitions.insert(partition, part);
         self.last_activity.insert(partition, now_ms);
+        self.lower_watermark_to(partition);
         Ok(())
     }
 

@@ -854,3 +854,54 @@ features:
         "the squares of 2e200 overflow f64"
     );
 }
+
+/// A partition handed over from an instance that was behind keeps judging its events by its
+/// own time: the new owner's watermark comes back to it, so they are not late for having
+/// moved, and what its state already had due is emitted at the next tick.
+#[test]
+fn a_partition_handed_over_from_behind_is_not_late_for_having_moved() {
+    let p = card_pipeline(
+        "handover",
+        r#"  watermark: { max_out_of_order: 5s }
+features:
+  - { name: n, agg: count, window: lifetime }
+  - { name: n_10s, agg: count, window: { sliding: 10s } }
+"#,
+    );
+    let second = 1_000;
+    let hour = 3_600_000;
+    // The previous owner of partition 1 saw card 2 until 0:00:20.
+    let mut previous = Engine::new(Arc::clone(&p));
+    previous.assign(1, 0);
+    let mut records = Vec::new();
+    for at in [0, 10, 20] {
+        previous.process(1, &paid(2, 1.0, at * second).decoded(), 0, &mut records);
+    }
+    let handed_over = previous.snapshot_partition(1).expect("snapshot encodes");
+
+    // The new owner is an hour ahead on its own partition.
+    let mut owner = Engine::new(Arc::clone(&p));
+    owner.assign(0, 0);
+    owner.process(0, &paid(1, 1.0, hour).decoded(), 0, &mut records);
+    assert_eq!(owner.watermark(), Some(hour - 5 * second));
+    owner
+        .restore_partition(1, &handed_over, 0)
+        .expect("snapshot restores");
+    assert_eq!(
+        owner.watermark(),
+        Some(20 * second - 5 * second),
+        "the watermark comes back to the handed-over partition's"
+    );
+    let outcome = owner.process(1, &paid(2, 1.0, 21 * second).decoded(), 0, &mut records);
+    assert_eq!(outcome, Outcome::Aggregated, "not late for having moved");
+    let (_, values) = owner.lookup("c2").expect("card 2 came with its partition");
+    assert_eq!(
+        values[0],
+        FeatureValue::Int(4),
+        "its count went on from the state"
+    );
+
+    // A partition that arrives with no state holds the watermark back until it has data.
+    owner.assign(2, 0);
+    assert_eq!(owner.watermark(), None);
+}

@@ -30,8 +30,10 @@ pub enum CheckpointError {
         source: std::io::Error,
     },
     #[error(
-        "checkpoint {path} was written by a different pipeline definition (features, windows or schema changed); \
-         move the state folder away or use a new group_id to start from scratch"
+        "checkpoint {path} was written by a different pipeline definition (features, windows or schema changed) \
+         or by a build with another state layout; to rebuild the state from the input, move that folder away and \
+         reset the consumer group's offsets to where the state should start (a new group_id starts with new \
+         offsets and a new state folder of its own)"
     )]
     Incompatible { path: PathBuf },
     #[error("checkpoint {path} is damaged")]
@@ -70,9 +72,24 @@ fn fingerprint(pipeline: &Pipeline) -> u64 {
 }
 
 impl CheckpointStore {
+    /// Checkpoints live in `root/<pipeline>/<group_id>/`: state goes with the offsets of the
+    /// consumer group that built it, so a new group never starts from another group's state.
     pub fn new(root: &Path, pipeline: &Pipeline) -> CheckpointStore {
+        let group: String = pipeline
+            .source
+            .kafka
+            .group_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         CheckpointStore {
-            dir: root.join(&pipeline.name),
+            dir: root.join(&pipeline.name).join(group),
             topic: pipeline.source.kafka.topic.clone(),
             fingerprint: fingerprint(pipeline),
         }

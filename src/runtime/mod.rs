@@ -33,7 +33,7 @@ use self::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use self::encode::Encoder;
 use self::outputs::ParquetOutputs;
 use crate::config::{Format, OnLate, Pipeline, StartOffset};
-use crate::connectors::kafka::{check_topics, client_config, log_error, log_line};
+use crate::connectors::kafka::{TopicCheckError, check_topics, client_config, log_error, log_line};
 use crate::decode::avro::{AvroDecoder, AvroError};
 use crate::decode::json::JsonDecoder;
 use crate::decode::{RejectReason, Rejection, check_not_future};
@@ -116,6 +116,14 @@ impl Shared {
         guard
     }
 
+    /// The engine for reading, or `None` if it stays taken for `wait`.
+    pub fn engine_read_for(&self, wait: Duration) -> Option<RwLockReadGuard<'_, Engine>> {
+        self.readers_waiting.fetch_add(1, Ordering::Relaxed);
+        let guard = self.engine.try_read_for(wait);
+        self.readers_waiting.fetch_sub(1, Ordering::Relaxed);
+        guard
+    }
+
     fn readers_waiting(&self) -> bool {
         self.readers_waiting.load(Ordering::Relaxed) > 0
     }
@@ -188,6 +196,11 @@ impl ConsumerContext for RunContext {
         if let Rebalance::Revoke(list) = rebalance {
             let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
             let mut worker = self.lock();
+            // Once the service has stopped, its last checkpoint is taken (or, after an error,
+            // must not be: offsets past what failed would be committed).
+            if worker.closing {
+                return;
+            }
             tracing::info!(
                 ?partitions,
                 "Partitions revoked; checkpointing them before they move."
@@ -244,15 +257,46 @@ struct OutputSink<'w> {
     pipeline: &'w Pipeline,
     parquet: Option<&'w mut ParquetOutputs>,
     produced: u64,
+    stop: &'w AtomicBool,
 }
 
+/// A dead letter: the event's original key and payload with `headers`.
+fn dead_letter_record<'a>(
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    headers: OwnedHeaders,
+) -> BaseRecord<'a, [u8], [u8]> {
+    let mut record: BaseRecord<'a, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    if let Some(payload) = payload {
+        record = record.payload(payload);
+    }
+    record
+}
+
+/// How much of an event too large for Kafka its dead letter carries.
+const DEAD_LETTER_PAYLOAD_CUT: usize = 64 * 1024;
+
 /// Sends one record, waiting while the producer's queue is full (backpressure, never drop).
-fn send(producer: &Output, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
+/// A stop requested meanwhile ends the wait with the queue-full error: the record counts as
+/// not delivered, so the service stops without committing past it instead of waiting forever
+/// for an unreachable broker.
+fn send(
+    producer: &Output,
+    record: BaseRecord<'_, [u8], [u8]>,
+    stop: &AtomicBool,
+) -> Result<(), KafkaError> {
     let mut record = record;
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                if stop.load(Ordering::Relaxed) {
+                    return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+                }
                 record = back;
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -263,12 +307,18 @@ fn send(producer: &Output, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), Kaf
 
 /// Sends one encoded feature record. A record that cannot even be queued counts as a failed
 /// delivery: the next checkpoint then stops the service instead of committing past it.
-fn emit(producer: &Output, topic: &str, key: &str, payload: Option<&[u8]>) -> bool {
+fn emit(
+    producer: &Output,
+    topic: &str,
+    key: &str,
+    payload: Option<&[u8]>,
+    stop: &AtomicBool,
+) -> bool {
     let failure = match payload {
         None => "a feature record could not be encoded".to_string(),
         Some(payload) => {
             let record = BaseRecord::to(topic).key(key.as_bytes()).payload(payload);
-            match send(producer, record) {
+            match send(producer, record, stop) {
                 Ok(()) => return true,
                 Err(e) => format!("cannot queue a feature record for `{topic}`: {e}"),
             }
@@ -292,7 +342,13 @@ impl RecordSink for OutputSink<'_> {
         }
         if let Some(topic) = self.topic {
             let payload = self.encoder.update(self.pipeline, entity, as_of, values);
-            self.produced += u64::from(emit(self.worker_producer, topic, entity, payload));
+            self.produced += u64::from(emit(
+                self.worker_producer,
+                topic,
+                entity,
+                payload,
+                self.stop,
+            ));
         }
     }
 
@@ -308,7 +364,13 @@ impl RecordSink for OutputSink<'_> {
             let payload =
                 self.encoder
                     .window_closed(self.pipeline, entity, feature, (start, end), value);
-            self.produced += u64::from(emit(self.worker_producer, topic, entity, payload));
+            self.produced += u64::from(emit(
+                self.worker_producer,
+                topic,
+                entity,
+                payload,
+                self.stop,
+            ));
         }
     }
 }
@@ -361,9 +423,9 @@ impl Worker {
         }
     }
 
-    fn dead_letter(
+    fn dead_letter<'m>(
         &mut self,
-        message: &BorrowedMessage<'_>,
+        message: &'m BorrowedMessage<'_>,
         rejection: &Rejection,
     ) -> anyhow::Result<()> {
         let reason = rejection.reason.as_str();
@@ -407,15 +469,30 @@ impl Worker {
                 key: "pipeline",
                 value: Some(self.shared.pipeline.name.as_str()),
             });
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
-        }
-        send(&self.producer, record)
-            .with_context(|| format!("cannot queue a dead letter for `{topic}`"))?;
+        let payload = message.payload();
+        let record = |headers: OwnedHeaders, payload: Option<&'m [u8]>| {
+            dead_letter_record(topic, message.key(), payload, headers)
+        };
+        let sent = match send(
+            &self.producer,
+            record(headers.clone(), payload),
+            &self.shared.stop,
+        ) {
+            // An event larger than Kafka takes (usually a `too_large` one) cannot go to the
+            // dead-letter topic whole: it goes with its first bytes, says how long it was, and
+            // can be read in full at its source offset.
+            Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) => {
+                let length = payload.map_or(0, <[u8]>::len);
+                let headers = headers.insert(Header {
+                    key: "payload.truncated.from",
+                    value: Some(length.to_string().as_str()),
+                });
+                let cut = payload.map(|p| &p[..length.min(DEAD_LETTER_PAYLOAD_CUT)]);
+                send(&self.producer, record(headers, cut), &self.shared.stop)
+            }
+            other => other,
+        };
+        sent.with_context(|| format!("cannot queue a dead letter for `{topic}`"))?;
         self.shared
             .counters
             .dead_lettered
@@ -442,6 +519,7 @@ impl Worker {
                 pipeline: &pipeline,
                 parquet: self.parquet.as_mut(),
                 produced: 0,
+                stop: &shared.stop,
             };
             // One handle per batch: the label lookup is not repeated per event.
             let latency =
@@ -495,7 +573,10 @@ impl Worker {
                                 break 'batch;
                             }
                             tracing::warn!("{e}; retrying this record in 1s.");
-                            std::thread::sleep(Duration::from_secs(1));
+                            // Look-ups and checkpoints may use the engine meanwhile.
+                            RwLockWriteGuard::unlocked_fair(&mut engine, || {
+                                std::thread::sleep(Duration::from_secs(1))
+                            });
                         }
                         other => break other,
                     }
@@ -808,7 +889,21 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     if let Some(d) = &pipeline.dead_letter_topic {
         topics.push((d.as_str(), "dead-letter topic"));
     }
-    check_topics(&brokers, &source.kafka.options, &topics, &shared.stop)?;
+    let state_dir = options
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&pipeline.state_dir));
+    match check_topics(&brokers, &source.kafka.options, &topics, &shared.stop) {
+        // A stop asked for while Kafka was unreachable is a clean stop: nothing was consumed.
+        Err(TopicCheckError::Stopped) => {
+            tracing::info!("Stopped before Kafka could be reached; nothing was consumed.");
+            return Ok(RunReport {
+                state_dir,
+                ..RunReport::default()
+            });
+        }
+        other => other?,
+    }
 
     let sink_options = pipeline
         .sinks
@@ -839,10 +934,6 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
             Some(AvroDecoder::new(source).map_err(|e| anyhow!(e))?)
         }
     };
-    let state_dir = options
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&pipeline.state_dir));
     let worker = Arc::new(Mutex::new(Worker {
         shared: Arc::clone(&shared),
         producer,
@@ -937,6 +1028,8 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = result {
         tracing::error!("Stopping: {e:#}");
+        // Nothing more is committed: the offsets of records that failed stay uncommitted.
+        w.closing = true;
         return Err(e);
     }
     tracing::info!("Stopping: finishing in-flight outputs, saving state and committing offsets.");

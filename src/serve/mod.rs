@@ -104,11 +104,28 @@ fn check_entity(entity: &str) -> Option<Response> {
     None
 }
 
-/// Appends `{"entity","as_of","features":{...}}` for one entity, or returns false if unknown.
-fn write_entity(state: &AppState, entity: &str, out: &mut String) -> bool {
-    let Some((as_of, values)) = state.shared.engine_read().lookup(entity) else {
-        return false;
+/// How long a look-up waits for the engine. The processing thread steps aside for readers
+/// between events; it holds the engine longer only while it cannot go on (the schema registry
+/// or the output topic unreachable), and then a look-up answers 503 rather than hang.
+const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The engine was not available within [`LOOKUP_WAIT`].
+struct Busy;
+
+fn busy() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the engine is busy (waiting for Kafka or the schema registry); retry shortly",
+    )
+}
+
+/// Appends `{"entity","as_of","features":{...}}` for one entity; `Ok(false)` if unknown.
+fn write_entity(state: &AppState, entity: &str, out: &mut String) -> Result<bool, Busy> {
+    let engine = state.shared.engine_read_for(LOOKUP_WAIT).ok_or(Busy)?;
+    let Some((as_of, values)) = engine.lookup(entity) else {
+        return Ok(false);
     };
+    drop(engine);
     out.push_str("{\"entity\":");
     write_json_str(out, entity);
     out.push_str(",\"as_of\":\"");
@@ -116,7 +133,7 @@ fn write_entity(state: &AppState, entity: &str, out: &mut String) -> bool {
     out.push_str("\",\"features\":");
     write_features(out, &state.shared.pipeline, &values);
     out.push('}');
-    true
+    Ok(true)
 }
 
 async fn get_features(
@@ -127,10 +144,10 @@ async fn get_features(
         return r;
     }
     let mut body = String::with_capacity(256);
-    if write_entity(&state, &entity, &mut body) {
-        json(StatusCode::OK, body)
-    } else {
-        error(StatusCode::NOT_FOUND, &format!("unknown entity `{entity}`"))
+    match write_entity(&state, &entity, &mut body) {
+        Ok(true) => json(StatusCode::OK, body),
+        Ok(false) => error(StatusCode::NOT_FOUND, &format!("unknown entity `{entity}`")),
+        Err(Busy) => busy(),
     }
 }
 
@@ -173,10 +190,14 @@ async fn post_features(
         if i > 0 {
             out.push(',');
         }
-        if !write_entity(&state, entity, &mut out) {
-            out.push_str("{\"entity\":");
-            write_json_str(&mut out, entity);
-            out.push_str(",\"found\":false}");
+        match write_entity(&state, entity, &mut out) {
+            Ok(true) => {}
+            Ok(false) => {
+                out.push_str("{\"entity\":");
+                write_json_str(&mut out, entity);
+                out.push_str(",\"found\":false}");
+            }
+            Err(Busy) => return busy(),
         }
     }
     out.push_str("]}");
