@@ -324,9 +324,11 @@ fn emit(
             }
         }
     };
-    tracing::error!("{failure}");
     let context = producer.context();
-    context.failed.fetch_add(1, Ordering::Relaxed);
+    // The first failure is logged; the rest are counted (the stop that follows reports both).
+    if context.failed.fetch_add(1, Ordering::Relaxed) == 0 {
+        tracing::error!("{failure}");
+    }
     context
         .first_error
         .lock()
