@@ -242,6 +242,12 @@ fn bad_and_late_events_are_dead_lettered_with_reasons() {
         br#"{"merchant_id":"m","amount":1.0,"status":"ok","ts":1772323300000}"#.to_vec(),
     ));
     records.push(("late", good(-1000).into_bytes()));
+    // Larger than `max_event_bytes` and than a dead letter can be: it goes with its first
+    // 64 KiB and its length.
+    let mut oversized = good(99).into_bytes();
+    oversized.truncate(oversized.len() - 1);
+    oversized.extend(format!(r#","pad":"{}"}}"#, "x".repeat(1_020_000)).bytes());
+    records.push(("too_large", oversized));
     for i in 100..110 {
         records.push(("ok", good(i).into_bytes()));
     }
@@ -259,7 +265,7 @@ fn bad_and_late_events_are_dead_lettered_with_reasons() {
     let (status, log) = service.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
 
-    let letters = consume_all(&dlq, Some(6), Duration::from_secs(10));
+    let letters = consume_all(&dlq, Some(7), Duration::from_secs(10));
     let bad: Vec<(usize, &(&str, Vec<u8>))> = records
         .iter()
         .enumerate()
@@ -272,7 +278,15 @@ fn bad_and_late_events_are_dead_lettered_with_reasons() {
     );
     for (letter, (index, (reason, payload))) in letters.iter().zip(&bad) {
         assert_eq!(letter.headers["reason"], *reason, "{:?}", letter.headers);
-        assert_eq!(&letter.payload, payload, "original bytes untouched");
+        if *reason == "too_large" {
+            assert_eq!(letter.payload, payload[..64 * 1024], "the first 64 KiB");
+            assert_eq!(
+                letter.headers["payload.truncated.from"],
+                payload.len().to_string()
+            );
+        } else {
+            assert_eq!(&letter.payload, payload, "original bytes untouched");
+        }
         assert_eq!(
             letter.key.as_deref(),
             Some(format!("k{index}").as_bytes()),

@@ -67,6 +67,8 @@ pub fn producer() -> ThreadedProducer<DefaultProducerContext> {
         .set("bootstrap.servers", brokers())
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
+        // Tests send events just over a megabyte (the broker takes up to its default 1 MiB).
+        .set("message.max.bytes", "1048000")
         .create()
         .expect("producer")
 }
