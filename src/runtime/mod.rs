@@ -277,6 +277,9 @@ fn dead_letter_record<'a>(
     record
 }
 
+/// How long to wait for a partition assignment before saying why there is none yet.
+const WAITING_FOR_PARTITIONS: Duration = Duration::from_secs(10);
+
 /// How much of an event too large for Kafka its dead letter carries.
 const DEAD_LETTER_PAYLOAD_CUT: usize = 64 * 1024;
 
@@ -985,9 +988,19 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     let interval = Duration::from_millis(pipeline.checkpoint_every_ms.max(100) as u64);
     let mut batch: Vec<BorrowedMessage<'_>> = Vec::with_capacity(2048);
     let mut total = 0u64;
+    let mut said_waiting = false;
     let result: anyhow::Result<()> = loop {
         if shared.stop.load(Ordering::Relaxed) {
             break Ok(());
+        }
+        if !said_waiting
+            && started.elapsed() > WAITING_FOR_PARTITIONS
+            && !shared.ready.load(Ordering::Relaxed)
+        {
+            said_waiting = true;
+            tracing::info!(
+                "No partitions assigned yet: waiting for the consumer group (a member that stopped without leaving, such as a killed process, keeps its partitions until its session times out, 45 s by default)."
+            );
         }
         if options.stop_after_events.is_some_and(|n| total >= n) {
             break Ok(());
