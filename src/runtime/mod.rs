@@ -23,7 +23,7 @@ use anyhow::{Context, anyhow};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -277,6 +277,17 @@ fn dead_letter_record<'a>(
     record
 }
 
+/// The headers every dead letter carries.
+const DEAD_LETTER_HEADERS: [&str; 7] = [
+    "reason",
+    "error",
+    "source.topic",
+    "source.partition",
+    "source.offset",
+    "pipeline",
+    "payload.truncated.from",
+];
+
 /// How long to wait for a partition assignment before saying why there is none yet.
 const WAITING_FOR_PARTITIONS: Duration = Duration::from_secs(10);
 
@@ -474,6 +485,16 @@ impl Worker {
                 key: "pipeline",
                 value: Some(self.shared.pipeline.name.as_str()),
             });
+        // The event's own headers follow (a trace id, say), except any that share a name with
+        // ours: a reader looking up `reason` finds the dead letter's.
+        let mut headers = headers;
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                if !DEAD_LETTER_HEADERS.contains(&header.key) {
+                    headers = headers.insert(header);
+                }
+            }
+        }
         let payload = message.payload();
         let record = |headers: OwnedHeaders, payload: Option<&'m [u8]>| {
             dead_letter_record(topic, message.key(), payload, headers)
