@@ -257,6 +257,15 @@ fn bad_and_late_events_are_dead_lettered_with_reasons() {
         .map(|(i, (_, p))| (0, format!("k{i}"), p.clone()))
         .collect();
     produce(&input, &to_send);
+    // The last one carries a header of its own, which its dead letter keeps after ours.
+    let with_headers = records.len();
+    records.push(("malformed", b"[1, 2".to_vec()));
+    produce_with_header(
+        &input,
+        &format!("k{with_headers}"),
+        b"[1, 2",
+        ("trace-id", "abc123"),
+    );
     let service = Service::start(
         &pipeline,
         &["--stop-after", &records.len().to_string()],
@@ -265,7 +274,7 @@ fn bad_and_late_events_are_dead_lettered_with_reasons() {
     let (status, log) = service.wait(Duration::from_secs(120));
     assert!(status.success(), "{log}");
 
-    let letters = consume_all(&dlq, Some(7), Duration::from_secs(10));
+    let letters = consume_all(&dlq, Some(8), Duration::from_secs(10));
     let bad: Vec<(usize, &(&str, Vec<u8>))> = records
         .iter()
         .enumerate()
@@ -296,6 +305,13 @@ fn bad_and_late_events_are_dead_lettered_with_reasons() {
         assert_eq!(letter.headers["source.offset"], index.to_string());
         assert_eq!(letter.headers["pipeline"], "it_dlq");
         assert!(!letter.headers["error"].is_empty());
+        if *index == with_headers {
+            assert_eq!(
+                letter.headers.get("trace-id").map(String::as_str),
+                Some("abc123"),
+                "the event's own headers follow"
+            );
+        }
     }
     // consumed = aggregated + dead-lettered (late events are dead-lettered here), by counting topics.
     let out = parse(&consume_all(&output, None, Duration::from_secs(5)));

@@ -96,6 +96,28 @@ pub fn produce(topic: &str, records: &[(i32, String, Vec<u8>)]) {
         .expect("all test records acknowledged");
 }
 
+/// Produces one record with one header to partition 0 and waits until it is acknowledged.
+pub fn produce_with_header(topic: &str, key: &str, payload: &[u8], header: (&str, &str)) {
+    let producer = producer();
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+        key: header.0,
+        value: Some(header.1),
+    });
+    producer
+        .send(
+            BaseRecord::to(topic)
+                .partition(0)
+                .key(key.as_bytes())
+                .payload(payload)
+                .headers(headers),
+        )
+        .map_err(|(e, _)| e)
+        .expect("record queued");
+    producer
+        .flush(Duration::from_secs(60))
+        .expect("the record acknowledged");
+}
+
 #[derive(Debug, Clone)]
 pub struct Consumed {
     pub key: Option<Vec<u8>>,
