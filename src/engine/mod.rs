@@ -188,17 +188,20 @@ impl Engine {
     /// After a partition arrived with its state: the watermark is the minimum over the
     /// partitions owned, so one that is behind the others (handed over from an instance that
     /// was behind, or a backlog) brings it back to its own. Its events are then judged late or
-    /// not as they were where it came from. Only ever lowers; events raise it again.
-    fn lower_watermark_to(&mut self, partition: u32) {
-        let own = self
+    /// not as they were where it came from. All partitions count, not only the one that
+    /// arrived: a restored checkpoint's watermark may have raised it past one restored before.
+    /// Only ever lowers; events raise it again.
+    fn lower_watermark_to_partitions(&mut self) {
+        let lowest = self
             .partitions
-            .get(&partition)
-            .and_then(|p| p.max_event_time)
-            .map(|max| max.saturating_sub(self.pipeline.source.max_out_of_order_ms));
-        if let Some(own) = own
-            && own < self.watermark
+            .values()
+            .filter_map(|p| p.max_event_time)
+            .map(|max| max.saturating_sub(self.pipeline.source.max_out_of_order_ms))
+            .min();
+        if let Some(lowest) = lowest
+            && lowest < self.watermark
         {
-            self.watermark = own;
+            self.watermark = lowest;
         }
     }
 
@@ -554,7 +557,7 @@ impl Engine {
         }
         self.partitions.insert(partition, part);
         self.last_activity.insert(partition, now_ms);
-        self.lower_watermark_to(partition);
+        self.lower_watermark_to_partitions();
         Ok(())
     }
 

@@ -901,6 +901,18 @@ features:
         "its count went on from the state"
     );
 
+    // A checkpoint from an instance further ahead, restored after that one, does not carry
+    // the watermark past the partition restored first.
+    let mut ahead = Engine::new(Arc::clone(&p));
+    ahead.assign(3, 0);
+    ahead.process(3, &paid(3, 1.0, 2 * hour).decoded(), 0, &mut records);
+    let from_ahead = ahead.snapshot_partition(3).expect("snapshot encodes");
+    owner.restore_watermark(ahead.watermark());
+    owner
+        .restore_partition(3, &from_ahead, 0)
+        .expect("snapshot restores");
+    assert_eq!(owner.watermark(), Some(21 * second - 5 * second));
+
     // A partition that arrives with no state holds the watermark back until it has data.
     owner.assign(2, 0);
     assert_eq!(owner.watermark(), None);
