@@ -307,26 +307,32 @@ fn plain_run(bytes: &[u8]) -> usize {
         .unwrap_or(words.remainder().len())
 }
 
-/// A number's text for a message, cut short if it is very long.
+/// How much of a long value a message quotes.
+const QUOTE_LIMIT: usize = 40;
+
+/// `s`, or its first [`QUOTE_LIMIT`] bytes (at a character boundary) when longer.
+fn quoted_part(s: &str) -> &str {
+    let cut = (0..=QUOTE_LIMIT.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    &s[..cut]
+}
+
+/// A number's text for a message, as written (cut short if it is very long).
 fn quote_number(text: &str) -> String {
-    const LIMIT: usize = 40;
-    if text.len() <= LIMIT {
+    if text.len() <= QUOTE_LIMIT {
         text.to_string()
     } else {
-        format!("{}... ({} characters)", &text[..LIMIT], text.len())
+        format!("{}... ({} characters)", quoted_part(text), text.len())
     }
 }
 
 fn quote_prefix(s: &str) -> String {
-    const LIMIT: usize = 40;
-    if s.len() <= LIMIT {
+    if s.len() <= QUOTE_LIMIT {
         format!("the string {s:?}")
     } else {
-        let cut = (0..=LIMIT)
-            .rev()
-            .find(|&i| s.is_char_boundary(i))
-            .unwrap_or(0);
-        format!("the string {:?}... ({} bytes)", &s[..cut], s.len())
+        format!("the string {:?}... ({} bytes)", quoted_part(s), s.len())
     }
 }
 

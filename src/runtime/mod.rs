@@ -251,13 +251,26 @@ struct Worker {
 
 /// Sends engine records to the output topic (and the feature log).
 struct OutputSink<'w> {
-    worker_producer: &'w Output,
+    delivery: Delivery<'w>,
     topic: Option<&'w str>,
     encoder: &'w mut Encoder,
     pipeline: &'w Pipeline,
     parquet: Option<&'w mut ParquetOutputs>,
     produced: u64,
+}
+
+/// Where feature records go: the producer, and the stop flag that ends a wait on it.
+#[derive(Clone, Copy)]
+struct Delivery<'w> {
+    producer: &'w Output,
     stop: &'w AtomicBool,
+}
+
+impl Delivery<'_> {
+    /// Sends one encoded feature record; true when it was queued.
+    fn emit(self, topic: &str, key: &str, payload: Option<&[u8]>) -> bool {
+        emit(self.producer, topic, key, payload, self.stop)
+    }
 }
 
 /// A dead letter: the event's original key and payload with `headers`.
@@ -358,13 +371,7 @@ impl RecordSink for OutputSink<'_> {
         }
         if let Some(topic) = self.topic {
             let payload = self.encoder.update(self.pipeline, entity, as_of, values);
-            self.produced += u64::from(emit(
-                self.worker_producer,
-                topic,
-                entity,
-                payload,
-                self.stop,
-            ));
+            self.produced += u64::from(self.delivery.emit(topic, entity, payload));
         }
     }
 
@@ -380,13 +387,7 @@ impl RecordSink for OutputSink<'_> {
             let payload =
                 self.encoder
                     .window_closed(self.pipeline, entity, feature, (start, end), value);
-            self.produced += u64::from(emit(
-                self.worker_producer,
-                topic,
-                entity,
-                payload,
-                self.stop,
-            ));
+            self.produced += u64::from(self.delivery.emit(topic, entity, payload));
         }
     }
 }
@@ -539,13 +540,15 @@ impl Worker {
         {
             let mut engine = shared.engine();
             let mut sink = OutputSink {
-                worker_producer: &self.producer,
+                delivery: Delivery {
+                    producer: &self.producer,
+                    stop: &shared.stop,
+                },
                 topic: self.output_topic.as_deref(),
                 encoder: &mut self.encoder,
                 pipeline: &pipeline,
                 parquet: self.parquet.as_mut(),
                 produced: 0,
-                stop: &shared.stop,
             };
             // One handle per batch: the label lookup is not repeated per event.
             let latency =
