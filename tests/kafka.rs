@@ -385,6 +385,13 @@ fn sigterm_midstream_and_restart_lose_nothing() {
         "{log}"
     );
 
+    // More events while it is down: the restarted service has these to consume even when the
+    // first one got through the whole first batch before its stop took effect.
+    let later = events(5_000, 30_000);
+    produce(&input, &later);
+    let mut batch = batch;
+    batch.extend(later);
+
     let (second, http) = start_service(&pipeline, dir.path().join("second.log"));
     wait_until(
         Duration::from_secs(120),
