@@ -18,6 +18,10 @@ const MAX_DEPTH: usize = 128;
 #[derive(Debug, Clone)]
 pub struct JsonDecoder {
     source: Source,
+    /// Each declared field's key as it appears in the text, quotes included (`"amount"`), when
+    /// it can only be written that one way (no character that JSON would need to escape): the
+    /// expected key is then recognised by comparing bytes, without scanning it as a string.
+    quoted_keys: Vec<Option<Box<[u8]>>>,
 }
 
 /// A JSON syntax error: where, and what was expected.
@@ -374,8 +378,18 @@ fn typed<'a>(name: &str, ty: FieldType, found: Found<'a>) -> Result<Value<'a>, S
 
 impl JsonDecoder {
     pub fn new(source: &Source) -> Self {
+        let quoted_keys = source
+            .schema
+            .fields
+            .iter()
+            .map(|f| {
+                let plain = f.name.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+                plain.then(|| format!("\"{}\"", f.name).into_bytes().into_boxed_slice())
+            })
+            .collect();
         JsonDecoder {
             source: source.clone(),
+            quoted_keys,
         }
     }
 
@@ -417,17 +431,27 @@ impl JsonDecoder {
                 parser.at += 1;
             } else {
                 loop {
-                    let key = parser.string()?;
+                    // Producers usually write keys in one order: try the field after the last
+                    // one matched, byte for byte, before reading the key and searching them all.
+                    let expected = self.quoted_keys.get(next_guess).and_then(Option::as_deref);
+                    let index = match expected {
+                        Some(quoted)
+                            if bytes
+                                .get(parser.at..)
+                                .is_some_and(|r| r.starts_with(quoted)) =>
+                        {
+                            parser.at += quoted.len();
+                            Some(next_guess)
+                        }
+                        _ => {
+                            let key = parser.string()?;
+                            schema.fields.iter().position(|f| f.name == key)
+                        }
+                    };
                     parser.skip_ws();
                     parser.expect(b':', "expected `:`")?;
                     parser.skip_ws();
                     let found = parser.value(1)?;
-                    // Producers usually write keys in one order: try the field after the last
-                    // one matched before searching them all.
-                    let index = match schema.fields.get(next_guess) {
-                        Some(f) if f.name == key => Some(next_guess),
-                        _ => schema.fields.iter().position(|f| f.name == key),
-                    };
                     if let Some(index) = index {
                         next_guess = index + 1;
                         let def = &schema.fields[index];

@@ -358,3 +358,29 @@ fn a_number_of_the_wrong_kind_is_quoted_as_written() {
     let m = message(br#"{"id":"a","n":1,"ts":1772409560000.0}"#);
     assert!(m.contains("found the number 1772409560000.0"), "{m}");
 }
+
+#[test]
+fn keys_are_matched_however_they_are_written() {
+    let decoder = JsonDecoder::new(&source(""));
+    // The declared order, recognised byte for byte; then escapes, other orders, look-alikes.
+    let in_order = decoder
+        .decode(br#"{"id":"a","n":1,"x":2.5,"ok":true,"ts":1700000000000}"#)
+        .unwrap();
+    let escaped = decoder
+        .decode(br#"{"\u0069d":"a","\u006e":1,"x":2.5,"o\u006b":true,"t\u0073":1700000000000}"#)
+        .unwrap();
+    let shuffled = decoder
+        .decode(br#"{"ts":1700000000000,"ok":true,"x":2.5,"n":1,"id":"a"}"#)
+        .unwrap();
+    assert_eq!(in_order, escaped);
+    assert_eq!(in_order, shuffled);
+    // Keys that start like a declared one are other keys, and are skipped.
+    let e = decoder
+        .decode(br#"{"id":"a","nn":"not n","n":1,"x2":"not x","ts":1700000000000}"#)
+        .unwrap();
+    assert_eq!(e.fields[1], Value::Int(1));
+    assert_eq!(e.fields[2], Value::Null);
+    // An unterminated key right where a declared one is expected is still malformed.
+    assert_eq!(reason(br#"{"id":"a","n"#), RejectReason::Malformed);
+    assert_eq!(reason(br#"{"id":"a","n""#), RejectReason::Malformed);
+}

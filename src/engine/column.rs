@@ -273,17 +273,31 @@ pub trait Column: Debug + Send + Sync {
     fn reserve_exact(&mut self, additional: usize);
     /// Returns a slot to the empty state, releasing what it held.
     fn reset(&mut self, slot: usize);
-    /// Moves the slot's state to `as_of`, then adds `input` if there is one.
-    fn update(&mut self, slot: usize, feature: &Feature, as_of: i64, input: Option<&Input<'_, '_>>);
-    fn set_as_of(&mut self, slot: usize, feature: &Feature, as_of: i64);
-    fn value(&self, slot: usize, feature: &Feature, watermark: i64) -> FeatureValue;
-    fn on_watermark(
+    /// An event's update, in one visit of the slot's state: moves it to `as_of`, adds `input`
+    /// if there is one, pushes the value as of the clock's watermark onto `values` (when given)
+    /// and returns the next watermark at which time alone changes it.
+    fn update_event(
         &mut self,
         slot: usize,
         feature: &Feature,
+        as_of: i64,
+        input: Option<&Input<'_, '_>>,
+        clock: &Clock,
+        values: Option<&mut Vec<FeatureValue>>,
+    ) -> Option<i64>;
+    /// The watermark's update, in one visit: moves the state to `as_of` (when given), closes
+    /// into `closed` what the watermark has passed and drops what can no longer matter, pushes
+    /// the value onto `values` (when given) and returns the next change by time alone.
+    fn update_time(
+        &mut self,
+        slot: usize,
+        feature: &Feature,
+        as_of: Option<i64>,
         clock: &Clock,
         closed: &mut Vec<Closed>,
-    );
+        values: Option<&mut Vec<FeatureValue>>,
+    ) -> Option<i64>;
+    fn value(&self, slot: usize, feature: &Feature, watermark: i64) -> FeatureValue;
     fn next_change(&self, slot: usize, feature: &Feature, clock: &Clock) -> Option<i64>;
     /// Starts loading the slot's state itself.
     fn prefetch_state(&self, slot: usize);
@@ -327,45 +341,61 @@ impl<S: WindowState> Column for States<S> {
         }
     }
 
-    #[inline]
-    fn update(
+    fn update_event(
         &mut self,
         slot: usize,
         feature: &Feature,
         as_of: i64,
         input: Option<&Input<'_, '_>>,
-    ) {
+        clock: &Clock,
+        values: Option<&mut Vec<FeatureValue>>,
+    ) -> Option<i64> {
         debug_assert!(slot < self.0.len(), "a column out of step with the slots");
-        if let Some(state) = self.0.get_mut(slot) {
-            state.set_as_of(feature, as_of);
-            if let Some(input) = input {
-                state.add(feature, input);
+        let Some(state) = self.0.get_mut(slot) else {
+            if let Some(values) = values {
+                values.push(FeatureValue::Null);
             }
+            return None;
+        };
+        state.set_as_of(feature, as_of);
+        if let Some(input) = input {
+            state.add(feature, input);
         }
+        if let Some(values) = values {
+            values.push(state.value(feature, clock.watermark));
+        }
+        state.next_change(feature, clock)
     }
 
-    fn set_as_of(&mut self, slot: usize, feature: &Feature, as_of: i64) {
-        if let Some(state) = self.0.get_mut(slot) {
+    fn update_time(
+        &mut self,
+        slot: usize,
+        feature: &Feature,
+        as_of: Option<i64>,
+        clock: &Clock,
+        closed: &mut Vec<Closed>,
+        values: Option<&mut Vec<FeatureValue>>,
+    ) -> Option<i64> {
+        let Some(state) = self.0.get_mut(slot) else {
+            if let Some(values) = values {
+                values.push(FeatureValue::Null);
+            }
+            return None;
+        };
+        if let Some(as_of) = as_of {
             state.set_as_of(feature, as_of);
         }
+        state.on_watermark(feature, clock, closed);
+        if let Some(values) = values {
+            values.push(state.value(feature, clock.watermark));
+        }
+        state.next_change(feature, clock)
     }
 
     fn value(&self, slot: usize, feature: &Feature, watermark: i64) -> FeatureValue {
         match self.0.get(slot) {
             Some(state) => state.value(feature, watermark),
             None => FeatureValue::Null,
-        }
-    }
-
-    fn on_watermark(
-        &mut self,
-        slot: usize,
-        feature: &Feature,
-        clock: &Clock,
-        closed: &mut Vec<Closed>,
-    ) {
-        if let Some(state) = self.0.get_mut(slot) {
-            state.on_watermark(feature, clock, closed);
         }
     }
 

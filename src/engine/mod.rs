@@ -24,8 +24,9 @@ use std::sync::Arc;
 
 pub use agg::FeatureValue;
 use agg::Input;
+use column::min_opt;
 pub use state::SnapshotError;
-use state::{Clock, Closed, EntityState, PartitionState, hash_values};
+use state::{Clock, Closed, EntityState, PartitionState, expiry_due, hash_values};
 
 use crate::config::{Emit, Pipeline};
 use crate::decode::{DecodedEvent, Value};
@@ -268,6 +269,10 @@ impl Engine {
         let as_of = entity.newest.max(time);
         entity.newest = as_of;
         entity.as_of = as_of;
+        // Each feature's state is visited once: updated, read, and asked when time next
+        // changes it.
+        self.values.clear();
+        let mut changes = None;
         for (column, feature) in columns.iter_mut().zip(features) {
             let passes = feature
                 .filter
@@ -280,20 +285,22 @@ impl Engine {
                 None => Some(&Value::Null),
             };
             let input = value.map(|value| Input { value, time, seq });
-            column.update(slot as usize, feature, as_of, input.as_ref());
+            let values = (!clock.close_windows).then_some(&mut self.values);
+            let change = column.update_event(
+                slot as usize,
+                feature,
+                as_of,
+                input.as_ref(),
+                &clock,
+                values,
+            );
+            changes = min_opt(changes, change);
         }
         if !clock.close_windows {
-            part.entities
-                .values_into(slot, features, clock.watermark, &mut self.values);
-            let hash = hash_values(&self.values);
-            if let Some(entity) = part.entities.get_mut(slot) {
-                entity.emitted = hash;
-                sink.update(&entity.id, as_of, &self.values);
-            }
+            entity.emitted = hash_values(&self.values);
+            sink.update(&entity.id, as_of, &self.values);
         }
-        let due = part
-            .entities
-            .next_change(slot, features, &clock, pipeline.entity_ttl_ms);
+        let due = min_opt(changes, expiry_due(entity, pipeline.entity_ttl_ms));
         part.schedule(slot, due);
 
         if part.max_event_time.is_none_or(|m| time > m) {
@@ -423,26 +430,31 @@ impl Engine {
                 let expired = pipeline
                     .entity_ttl_ms
                     .is_some_and(|ttl| w > entity.newest.saturating_add(ttl));
-                if w > entity.as_of {
-                    entity.as_of = w;
-                    for (column, feature) in columns.iter_mut().zip(features) {
-                        column.set_as_of(slot as usize, feature, w);
-                    }
+                let as_of = (w > entity.as_of).then_some(w);
+                if let Some(as_of) = as_of {
+                    entity.as_of = as_of;
                 }
+                self.values.clear();
+                let mut changes = None;
                 for (index, (column, feature)) in columns.iter_mut().zip(features).enumerate() {
                     self.closed.clear();
-                    column.on_watermark(slot as usize, feature, &clock, &mut self.closed);
+                    let values = (!clock.close_windows).then_some(&mut self.values);
+                    let change = column.update_time(
+                        slot as usize,
+                        feature,
+                        as_of,
+                        &clock,
+                        &mut self.closed,
+                        values,
+                    );
+                    changes = min_opt(changes, change);
                     for (start, end, value) in &self.closed {
                         sink.window_closed(&entity.id, index, *start, *end, value);
                     }
                 }
                 if !clock.close_windows {
-                    part.entities
-                        .values_into(slot, features, w, &mut self.values);
                     let hash = hash_values(&self.values);
-                    if let Some(entity) = part.entities.get_mut(slot)
-                        && hash != entity.emitted
-                    {
+                    if hash != entity.emitted {
                         entity.emitted = hash;
                         sink.update(&entity.id, entity.as_of, &self.values);
                     }
@@ -451,12 +463,7 @@ impl Engine {
                 // windows) is emitted first. With `on_window_close` an entity also outlives its
                 // TTL until every window holding its events has closed, so none is lost.
                 if expired {
-                    let pending = if clock.close_windows {
-                        part.entities.next_change(slot, features, &clock, None)
-                    } else {
-                        None
-                    };
-                    match pending {
+                    match changes.filter(|_| clock.close_windows) {
                         Some(close) => part.schedule(slot, Some(close)),
                         None => {
                             part.entities.remove(slot);
@@ -464,9 +471,7 @@ impl Engine {
                     }
                     continue;
                 }
-                let due = part
-                    .entities
-                    .next_change(slot, features, &clock, pipeline.entity_ttl_ms);
+                let due = min_opt(changes, expiry_due(entity, pipeline.entity_ttl_ms));
                 part.schedule(slot, due);
             }
         }

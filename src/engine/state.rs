@@ -78,6 +78,11 @@ impl EntityState {
     }
 }
 
+/// When an entity expires for having had no event for `ttl`: the first watermark past it.
+pub fn expiry_due(entity: &EntityState, ttl: Option<i64>) -> Option<i64> {
+    ttl.map(|ttl| entity.newest.saturating_add(ttl).saturating_add(1))
+}
+
 pub fn hash_values(values: &[FeatureValue]) -> u64 {
     let mut h = rustc_hash::FxHasher::default();
     for v in values {
@@ -269,7 +274,7 @@ impl EntityStore {
         ttl: Option<i64>,
     ) -> Option<i64> {
         let entity = self.get(slot)?;
-        let mut due = ttl.map(|ttl| entity.newest.saturating_add(ttl).saturating_add(1));
+        let mut due = expiry_due(entity, ttl);
         for (column, feature) in self.columns.iter().zip(features) {
             due = min_opt(due, column.next_change(slot as usize, feature, clock));
         }
