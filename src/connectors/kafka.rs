@@ -31,8 +31,10 @@ pub fn client_config(brokers: &str, ours: &[(&str, &str)], options: &KafkaOption
 }
 
 /// Routes librdkafka's own log lines and errors into `tracing`.
-#[derive(Default, Clone)]
-pub struct LoggingContext;
+#[derive(Default)]
+pub struct LoggingContext {
+    status: BrokerStatus,
+}
 
 impl ClientContext for LoggingContext {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -40,7 +42,7 @@ impl ClientContext for LoggingContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        log_error(&error, reason);
+        log_error(&error, reason, "client", &self.status);
     }
 }
 
@@ -67,12 +69,18 @@ pub fn log_line(level: RDKafkaLogLevel, facility: &str, message: &str) {
     }
 }
 
-/// Set while no broker is reachable, so that the service can say when they are back.
-static BROKERS_DOWN: AtomicBool = AtomicBool::new(false);
+/// Whether one client has lost every broker, so that it can say when they are back. Each
+/// client keeps its own: the input's brokers can be up while the output's are down.
+#[derive(Debug, Default)]
+pub struct BrokerStatus {
+    down: AtomicBool,
+}
 
-/// True once after an outage reported by [`log_error`]: the caller just heard from Kafka again.
-pub fn brokers_back() -> bool {
-    BROKERS_DOWN.swap(false, Ordering::Relaxed)
+impl BrokerStatus {
+    /// True once after an outage reported by [`log_error`]: the client just heard from Kafka.
+    pub fn back(&self) -> bool {
+        self.down.swap(false, Ordering::Relaxed)
+    }
 }
 
 /// Whether an error is a lost or refused connection, which the client retries by itself.
@@ -83,16 +91,20 @@ pub fn is_transient_transport(error: &KafkaError) -> bool {
     )
 }
 
-pub fn log_error(error: &KafkaError, reason: &str) {
+/// Logs a client error; `client` names the client in words ("consumer", "producer") and
+/// `status` remembers an outage so that its end can be reported.
+pub fn log_error(error: &KafkaError, reason: &str, client: &str, status: &BrokerStatus) {
     match error.rdkafka_error_code() {
         Some(RDKafkaErrorCode::AllBrokersDown) => {
-            BROKERS_DOWN.store(true, Ordering::Relaxed);
-            tracing::warn!("No Kafka broker is reachable; retrying until one is ({reason}).")
+            status.down.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                "No Kafka broker is reachable for the {client}; retrying until one is ({reason})."
+            )
         }
-        Some(RDKafkaErrorCode::BrokerTransportFailure) => {
-            tracing::warn!("Lost the connection to a Kafka broker; reconnecting ({reason}).")
-        }
-        _ => tracing::warn!("Kafka client error: {error} ({reason})"),
+        Some(RDKafkaErrorCode::BrokerTransportFailure) => tracing::warn!(
+            "The {client} lost its connection to a Kafka broker; reconnecting ({reason})."
+        ),
+        _ => tracing::warn!("Kafka {client} error: {error} ({reason})"),
     }
 }
 
@@ -125,7 +137,7 @@ pub fn check_topics(
     stop: &Arc<AtomicBool>,
 ) -> Result<(), TopicCheckError> {
     let client: BaseConsumer<LoggingContext> =
-        client_config(brokers, &[], options).create_with_context(LoggingContext)?;
+        client_config(brokers, &[], options).create_with_context(LoggingContext::default())?;
     let started = Instant::now();
     let mut backoff = Duration::from_millis(250);
     for (topic, role) in topics {

@@ -284,9 +284,40 @@ impl<'a> Parser<'a> {
 }
 
 /// Length of the leading run of bytes that need no attention inside a string: everything but
-/// `"`, `\\` and control characters. Eight bytes at a time: for each test the expression sets
-/// the top bit of a byte that matches, and the lowest set bit is always a true match.
-fn plain_run(bytes: &[u8]) -> usize {
+/// `"`, `\\` and control characters. Sixteen bytes at a time where SSE2 is there (all of
+/// x86_64), then eight at a time.
+pub(super) fn plain_run(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use core::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi8,
+        };
+        while let Some(chunk) = bytes.get(at..at + 16) {
+            // SAFETY: SSE2 is part of the x86_64 baseline, and the unaligned load reads the
+            // sixteen bytes of `chunk`, which exist.
+            let hits = unsafe {
+                let x = _mm_loadu_si128(chunk.as_ptr().cast::<__m128i>());
+                let quote = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'"' as i8));
+                let backslash = _mm_cmpeq_epi8(x, _mm_set1_epi8(b'\\' as i8));
+                // Unsigned x <= 0x1f exactly when min(x, 0x1f) == x.
+                let limit = _mm_set1_epi8(0x1f);
+                let control = _mm_cmpeq_epi8(_mm_min_epu8(x, limit), x);
+                _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control))
+            };
+            if hits != 0 {
+                return at + hits.trailing_zeros() as usize;
+            }
+            at += 16;
+        }
+    }
+    at + plain_run_swar(&bytes[at..])
+}
+
+/// [`plain_run`] eight bytes at a time: for each test the expression sets the top bit of a
+/// byte that matches, and the lowest set bit is always a true match.
+pub(super) fn plain_run_swar(bytes: &[u8]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;

@@ -384,3 +384,22 @@ fn keys_are_matched_however_they_are_written() {
     assert_eq!(reason(br#"{"id":"a","n"#), RejectReason::Malformed);
     assert_eq!(reason(br#"{"id":"a","n""#), RejectReason::Malformed);
 }
+
+proptest! {
+    /// Against the byte-by-byte definition, at every length and position of the first
+    /// byte that needs attention.
+    #[test]
+    fn plain_run_finds_the_first_byte_that_needs_attention(
+        bytes in proptest::collection::vec(
+            prop_oneof![1 => Just(b'"'), 1 => Just(b'\\'), 1 => 0u8..0x20, 40 => 0x20u8..=0xff],
+            0..80,
+        )
+    ) {
+        let want = bytes
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .unwrap_or(bytes.len());
+        prop_assert_eq!(super::json::plain_run(&bytes), want);
+        prop_assert_eq!(super::json::plain_run_swar(&bytes), want);
+    }
+}

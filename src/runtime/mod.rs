@@ -33,7 +33,9 @@ use self::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use self::encode::Encoder;
 use self::outputs::ParquetOutputs;
 use crate::config::{Format, OnLate, Pipeline, StartOffset};
-use crate::connectors::kafka::{TopicCheckError, check_topics, client_config, log_error, log_line};
+use crate::connectors::kafka::{
+    BrokerStatus, TopicCheckError, check_topics, client_config, log_error, log_line,
+};
 use crate::decode::avro::{AvroDecoder, AvroError};
 use crate::decode::json::JsonDecoder;
 use crate::decode::{RejectReason, Rejection, check_not_future};
@@ -134,6 +136,7 @@ impl Shared {
 struct DeliveryContext {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
+    status: BrokerStatus,
 }
 
 impl ClientContext for DeliveryContext {
@@ -141,13 +144,16 @@ impl ClientContext for DeliveryContext {
         log_line(level, facility, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
-        log_error(&error, reason);
+        log_error(&error, reason, "producer", &self.status);
     }
 }
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if result.is_ok() && self.status.back() {
+            tracing::info!("The output brokers are reachable again; deliveries resumed.");
+        }
         if let Err((error, message)) = result {
             self.failed.fetch_add(1, Ordering::Relaxed);
             let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
@@ -163,6 +169,7 @@ type Output = ThreadedProducer<DeliveryContext>;
 /// The consumer's context: routes logs, and runs checkpoints and restores on rebalance.
 struct RunContext {
     worker: Arc<Mutex<Worker>>,
+    status: BrokerStatus,
 }
 
 impl ClientContext for RunContext {
@@ -170,7 +177,7 @@ impl ClientContext for RunContext {
         log_line(level, facility, message);
     }
     fn error(&self, error: KafkaError, reason: &str) {
-        log_error(&error, reason);
+        log_error(&error, reason, "consumer", &self.status);
     }
     fn stats(&self, statistics: Statistics) {
         let pipeline = self.lock().shared.pipeline.name.clone();
@@ -843,9 +850,9 @@ impl Worker {
 
 /// A consumer error: lost connections are already reported by the client's error callback
 /// (and retried); anything else is logged here.
-fn log_poll_error(error: &KafkaError) {
+fn log_poll_error(error: &KafkaError, status: &BrokerStatus) {
     if !crate::connectors::kafka::is_transient_transport(error) {
-        log_error(error, "while consuming");
+        log_error(error, "while consuming", "consumer", status);
     }
 }
 
@@ -998,6 +1005,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     )
     .create_with_context(RunContext {
         worker: Arc::clone(&worker),
+        status: BrokerStatus::default(),
     })
     .context("cannot create the Kafka consumer")?;
     consumer
@@ -1032,17 +1040,17 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         batch.clear();
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => batch.push(m),
-            Some(Err(e)) => log_poll_error(&e),
+            Some(Err(e)) => log_poll_error(&e, &consumer.context().status),
             None => {}
         }
         while batch.len() < 2048 && !batch.is_empty() {
             match consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => batch.push(m),
-                Some(Err(e)) => log_poll_error(&e),
+                Some(Err(e)) => log_poll_error(&e, &consumer.context().status),
                 None => break,
             }
         }
-        if !batch.is_empty() && crate::connectors::kafka::brokers_back() {
+        if !batch.is_empty() && consumer.context().status.back() {
             tracing::info!("Kafka is reachable again; consuming.");
         }
         let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
