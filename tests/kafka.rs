@@ -9,6 +9,30 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// The reference partitioner of the test above, against the values Kafka's own tests give.
+#[test]
+fn the_reference_murmur2_is_kafkas() {
+    let cases: [(&[u8], i32); 6] = [
+        (b"21", -973_932_308),
+        (b"foobar", -790_332_482),
+        (b"a-little-bit-long-string", -985_981_536),
+        (b"a-little-bit-longer-string", -1_486_304_829),
+        (
+            b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58_897_971,
+        ),
+        (b"abc", 479_470_107),
+    ];
+    for (key, want) in cases {
+        assert_eq!(
+            murmur2(key) as i32,
+            want,
+            "{}",
+            String::from_utf8_lossy(key)
+        );
+    }
+}
+
 #[test]
 fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
     let Setup {
@@ -28,7 +52,18 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
     });
 
     // Replay the same events (same per-entity order) and compare every event's own record.
-    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    let records = consume_all(&output, None, Duration::from_secs(5));
+    // Keyed by entity and partitioned as Kafka's Java clients partition keys.
+    for record in &records {
+        let key = record.key.as_deref().expect("feature records have a key");
+        assert_eq!(
+            record.partition,
+            java_partition(key, 3),
+            "{}",
+            String::from_utf8_lossy(key)
+        );
+    }
+    let streamed = parse(&records);
     assert_matches_replay(dir.path(), &pipeline, &batch, &streamed);
     assert!(streamed.len() >= 3000);
 

@@ -954,6 +954,9 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
             ("acks", "all"),
             ("linger.ms", "5"),
             ("compression.type", "lz4"),
+            // Partition by key as Kafka's Java clients do, so that the feature topic is
+            // co-partitioned with other topics keyed by the same entity (joins downstream).
+            ("partitioner", "murmur2_random"),
             // Retry for as long as it takes: outputs are never dropped on a broker outage.
             ("message.timeout.ms", "0"),
             ("queue.buffering.max.messages", "500000"),
