@@ -4,7 +4,8 @@
 //! Needs the broker from `scripts/kafka.sh up` (`eval "$(scripts/kafka.sh env)"`), then:
 //! `cargo bench --bench e2e` (env: E2E_EVENTS, default 2,000,000; E2E_RATE, default 50,000/s;
 //! E2E_LATENCY_SECS, default 20; E2E_WARMUP_SECS, default 5, left out of the steady-state
-//! latency).
+//! latency; E2E_CHECKPOINT_EVERY, default 5s, the service's `state.checkpoint_every`;
+//! E2E_SINK_OPTIONS, default `{}`, librdkafka settings for its producer as a YAML map).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,11 +49,13 @@ source:
 features:
 {features}
 sinks:
-  kafka: {{ topic: {output}, format: json, emit: on_update }}
-state: {{ entity_ttl: 7d, dir: "{d}", checkpoint_every: 5s }}
+  kafka: {{ topic: {output}, format: json, emit: on_update, options: {o} }}
+state: {{ entity_ttl: 7d, dir: "{d}", checkpoint_every: {c} }}
 "#,
         b = brokers(),
-        d = dir.display()
+        d = dir.display(),
+        c = std::env::var("E2E_CHECKPOINT_EVERY").unwrap_or_else(|_| "5s".into()),
+        o = std::env::var("E2E_SINK_OPTIONS").unwrap_or_else(|_| "{}".into())
     )
 }
 
