@@ -440,6 +440,57 @@ fn sigterm_midstream_and_restart_lose_nothing() {
 }
 
 #[test]
+fn a_crash_resumes_from_the_last_periodic_checkpoint() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("crash", 3, "json", "json");
+    let batch = events(30_000, 0);
+    produce(&input, &batch);
+    let (first, http) = start_service(&pipeline, dir.path().join("first.log"));
+    wait_until(Duration::from_secs(120), "some events consumed", || {
+        consumed(&http) >= 3000
+    });
+    // Checkpoints run every second here; their state is serialised between batches.
+    let checkpoints = || {
+        metric(
+            &http_get(&format!("http://{http}/metrics")).1,
+            "featurestream_checkpoints_total",
+        )
+    };
+    wait_until(Duration::from_secs(60), "two periodic checkpoints", || {
+        checkpoints() >= 2
+    });
+    let log = first.kill();
+    // More events while it is down, computed on the state restored from those checkpoints.
+    let later = events(5_000, 30_000);
+    produce(&input, &later);
+    let mut batch = batch;
+    batch.extend(later);
+
+    let (second, http) = start_service(&pipeline, dir.path().join("second.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the restarted service consuming",
+        || consumed(&http) > 0,
+    );
+    wait_for_every_event_record(&output, &batch);
+    let (status, second_log) = second.terminate();
+    assert!(status.success(), "{second_log}");
+    assert!(
+        second_log.contains("Restored partition state from its checkpoint"),
+        "the restarted service resumed from the crashed one's checkpoints:\n{log}\n{second_log}"
+    );
+    // Events after the last checkpoint, if any, are processed twice: the same values both
+    // times, and every event's record equals what replay computes for it.
+    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    assert_matches_replay(dir.path(), &pipeline, &batch, &streamed);
+}
+
+#[test]
 fn avro_in_and_out_through_the_registry() {
     use apache_avro::types::Value as Avro;
     let Setup {

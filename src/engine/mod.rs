@@ -25,8 +25,8 @@ use std::sync::Arc;
 pub use agg::FeatureValue;
 use agg::Input;
 use column::min_opt;
-pub use state::SnapshotError;
 use state::{Clock, Closed, EntityState, PartitionState, expiry_due, hash_values};
+pub use state::{SnapshotCapture, SnapshotError};
 
 use crate::config::{Emit, Pipeline};
 use crate::decode::{DecodedEvent, Value};
@@ -540,6 +540,39 @@ impl Engine {
             Some(part) => part.snapshot(),
             None => self.empty_partition().snapshot(),
         }
+    }
+
+    /// Begins a snapshot of every partition owned, as they are now, to be taken a slice at a
+    /// time ([`Engine::snapshot_step`]) while events go on being processed. Each partition's
+    /// result is byte for byte what [`Engine::snapshot_partition`] returns now.
+    pub fn begin_snapshot(&mut self) {
+        for part in self.partitions.values_mut() {
+            part.begin_capture();
+        }
+    }
+
+    /// Encodes up to `budget` more entities of the snapshot begun in each partition; true when
+    /// every partition's is complete.
+    pub fn snapshot_step(&mut self, budget: usize) -> bool {
+        let mut complete = true;
+        for part in self.partitions.values_mut() {
+            complete &= part.capture_step(budget);
+        }
+        complete
+    }
+
+    /// Completes the snapshot of `partition` begun by [`Engine::begin_snapshot`]; `None` when
+    /// none was begun (the partition arrived since, or left).
+    pub fn finish_snapshot(&mut self, partition: u32) -> Option<SnapshotCapture> {
+        self.partitions.get_mut(&partition)?.finish_capture()
+    }
+
+    /// Completes the snapshots begun of every partition: `(partition, snapshot)`.
+    pub fn finish_snapshots(&mut self) -> Vec<(u32, SnapshotCapture)> {
+        self.partitions
+            .iter_mut()
+            .filter_map(|(&p, part)| Some((p, part.finish_capture()?)))
+            .collect()
     }
 
     /// Replaces one partition's state with a snapshot and rebuilds its timers. The pipeline

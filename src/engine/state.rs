@@ -100,6 +100,8 @@ pub struct EntityStore {
     free: Vec<u32>,
     index: SlotIndex,
     live: usize,
+    /// A snapshot being taken a slice at a time (see [`SnapshotCapture`]).
+    capture: Option<Box<SnapshotCapture>>,
 }
 
 /// The fewest slots the store grows by at a time.
@@ -126,6 +128,7 @@ impl EntityStore {
             free: Vec::new(),
             index: SlotIndex::default(),
             live: 0,
+            capture: None,
         }
     }
 
@@ -165,6 +168,7 @@ impl EntityStore {
         let hash = id_hash(&state.id);
         let slot = match self.free.pop() {
             Some(i) => {
+                self.capture_before_change(i);
                 self.slots[i as usize] = Some(state);
                 i
             }
@@ -202,6 +206,7 @@ impl EntityStore {
     }
 
     pub fn remove(&mut self, slot: u32) -> Option<EntityState> {
+        self.capture_before_change(slot);
         let state = self.slots.get_mut(slot as usize)?.take()?;
         self.index.remove(id_hash(&state.id), slot);
         for column in &mut self.columns {
@@ -217,11 +222,13 @@ impl EntityStore {
     }
 
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut EntityState> {
+        self.capture_before_change(slot);
         self.slots.get_mut(slot as usize)?.as_mut()
     }
 
     /// An entity's header and the feature columns, to update its features at `slot`.
     pub fn entity_mut(&mut self, slot: u32) -> Option<(&mut EntityState, &mut [Box<dyn Column>])> {
+        self.capture_before_change(slot);
         let header = self.slots.get_mut(slot as usize)?.as_mut()?;
         Some((header, &mut self.columns))
     }
@@ -439,6 +446,104 @@ fn chunk_len(slots: usize) -> usize {
     slots.div_ceil(cores.clamp(1, 8)).max(MIN_CHUNK)
 }
 
+/// Encodes one slot onto `out`: its header (`None` when free), then a live entity's feature
+/// states in pipeline order.
+fn encode_slot(
+    slots: &[Option<EntityState>],
+    columns: &[Box<dyn Column>],
+    slot: usize,
+    mut out: Vec<u8>,
+) -> Result<Vec<u8>, postcard::Error> {
+    let Some(header) = slots.get(slot) else {
+        return Ok(out);
+    };
+    out = postcard::to_extend(header, out)?;
+    if header.is_some() {
+        for column in columns {
+            out = column.encode(slot, out)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Where one slot's bytes are in a [`SnapshotCapture`].
+#[derive(Debug, Clone)]
+enum Piece {
+    Pending,
+    /// In `in_order`, encoded by a step.
+    InOrder(std::ops::Range<usize>),
+    /// In `early`, encoded just before the slot changed.
+    Early(std::ops::Range<usize>),
+}
+
+/// A partition snapshot taken a slice at a time while events go on being processed, so that a
+/// checkpoint does not stop the stream while the whole state is serialised. It holds the
+/// partition exactly as it was when it began: slots are encoded in order between batches, and
+/// a slot about to change (an event, a timer, an expiry, a free slot reused) is encoded first,
+/// as it still is. Slots added later are not part of it. Once every slot is encoded,
+/// [`SnapshotCapture::assemble`] lays the bytes out as [`PartitionState::snapshot`] would have
+/// at the start, byte for byte, on any thread.
+#[derive(Debug)]
+pub struct SnapshotCapture {
+    max_event_time: Option<i64>,
+    next_seq: u64,
+    free: Vec<u32>,
+    /// One per slot that existed when the capture began.
+    pieces: Vec<Piece>,
+    in_order: Vec<u8>,
+    early: Vec<u8>,
+    /// The next slot a step looks at.
+    cursor: usize,
+    error: Option<postcard::Error>,
+}
+
+impl SnapshotCapture {
+    /// Keeps the first encoding error (the capture then fails as a whole) and the buffer.
+    fn record(&mut self, result: Result<Vec<u8>, postcard::Error>) -> Vec<u8> {
+        result.unwrap_or_else(|e| {
+            self.error.get_or_insert(e);
+            Vec::new()
+        })
+    }
+
+    /// The snapshot's bytes, in the chunked format of [`PartitionState::snapshot`].
+    pub fn assemble(self) -> Result<Vec<u8>, SnapshotError> {
+        if let Some(e) = self.error {
+            return Err(SnapshotError::Encode(e));
+        }
+        let bytes = |piece: &Piece| match piece {
+            Piece::InOrder(r) => self.in_order.get(r.clone()),
+            Piece::Early(r) => self.early.get(r.clone()),
+            Piece::Pending => None,
+        };
+        let slot_count = self.pieces.len();
+        let step = chunk_len(slot_count);
+        let mut lengths = Vec::new();
+        for start in (0..slot_count).step_by(step) {
+            let mut len = 0u64;
+            for piece in &self.pieces[start..(start + step).min(slot_count)] {
+                let piece =
+                    bytes(piece).ok_or(SnapshotError::Damaged("a slot was not captured"))?;
+                len += piece.len() as u64;
+            }
+            lengths.push(len);
+        }
+        let header = SnapshotHeaderRef {
+            version: SNAPSHOT_VERSION,
+            max_event_time: self.max_event_time,
+            next_seq: self.next_seq,
+            free: &self.free,
+            chunks: &lengths,
+        };
+        let mut out = postcard::to_allocvec(&header).map_err(SnapshotError::Encode)?;
+        out.reserve_exact(self.in_order.len() + self.early.len());
+        for piece in &self.pieces {
+            out.extend_from_slice(bytes(piece).unwrap_or_default());
+        }
+        Ok(out)
+    }
+}
+
 /// The slots of one decoded chunk and their feature states, column by column.
 struct DecodedChunk {
     slots: Vec<Option<EntityState>>,
@@ -450,17 +555,46 @@ impl EntityStore {
     fn encode_slots(&self, range: &std::ops::Range<usize>) -> Result<Vec<u8>, postcard::Error> {
         let mut out = Vec::new();
         for slot in range.clone() {
-            let Some(header) = self.slots.get(slot) else {
-                break;
-            };
-            out = postcard::to_extend(header, out)?;
-            if header.is_some() {
-                for column in &self.columns {
-                    out = column.encode(slot, out)?;
-                }
-            }
+            out = encode_slot(&self.slots, &self.columns, slot, out)?;
         }
         Ok(out)
+    }
+
+    /// Called before anything at `slot` changes: while a snapshot is being taken, a slot it
+    /// has not encoded yet is encoded now, as it still is.
+    fn capture_before_change(&mut self, slot: u32) {
+        let Some(capture) = self.capture.as_deref_mut() else {
+            return;
+        };
+        let slot = slot as usize;
+        if matches!(capture.pieces.get(slot), Some(Piece::Pending)) {
+            let start = capture.early.len();
+            let out = std::mem::take(&mut capture.early);
+            capture.early = capture.record(encode_slot(&self.slots, &self.columns, slot, out));
+            capture.pieces[slot] = Piece::Early(start..capture.early.len());
+        }
+    }
+
+    /// Encodes up to `budget` more slots of the snapshot being taken, in slot order; true
+    /// when every slot is encoded (or no snapshot is being taken).
+    fn capture_step(&mut self, budget: usize) -> bool {
+        let Some(capture) = self.capture.as_deref_mut() else {
+            return true;
+        };
+        let mut encoded = 0;
+        while capture.cursor < capture.pieces.len() && encoded < budget {
+            let slot = capture.cursor;
+            capture.cursor += 1;
+            if !matches!(capture.pieces[slot], Piece::Pending) {
+                continue;
+            }
+            let start = capture.in_order.len();
+            let out = std::mem::take(&mut capture.in_order);
+            capture.in_order = capture.record(encode_slot(&self.slots, &self.columns, slot, out));
+            capture.pieces[slot] = Piece::InOrder(start..capture.in_order.len());
+            encoded += 1;
+        }
+        capture.cursor == capture.pieces.len()
     }
 
     /// Decodes one chunk written by [`EntityStore::encode_slots`] into columns like this
@@ -519,6 +653,34 @@ impl PartitionState {
             out.extend_from_slice(chunk);
         }
         Ok(out)
+    }
+
+    /// Begins a snapshot of the partition as it is now, taken a slice at a time by
+    /// [`PartitionState::capture_step`] (a snapshot already begun is started again).
+    pub fn begin_capture(&mut self) {
+        let store = &mut self.entities;
+        store.capture = Some(Box::new(SnapshotCapture {
+            max_event_time: self.max_event_time,
+            next_seq: self.next_seq,
+            free: store.free.clone(),
+            pieces: vec![Piece::Pending; store.slots.len()],
+            in_order: Vec::new(),
+            early: Vec::new(),
+            cursor: 0,
+            error: None,
+        }));
+    }
+
+    /// Encodes up to `budget` more slots of the snapshot begun; true when it is complete.
+    pub fn capture_step(&mut self, budget: usize) -> bool {
+        self.entities.capture_step(budget)
+    }
+
+    /// Completes the snapshot begun (encoding what is left) and hands it over; `None` when
+    /// none was begun.
+    pub fn finish_capture(&mut self) -> Option<SnapshotCapture> {
+        self.entities.capture_step(usize::MAX);
+        self.entities.capture.take().map(|capture| *capture)
     }
 
     /// Restores a snapshot taken with the same `features`; the caller re-schedules timers

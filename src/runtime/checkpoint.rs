@@ -38,6 +38,11 @@ pub enum CheckpointError {
     Incompatible { path: PathBuf },
     #[error("checkpoint {path} is damaged")]
     Damaged { path: PathBuf },
+    #[error("cannot encode the state of partition {partition}: {source}")]
+    Encode {
+        partition: i32,
+        source: crate::engine::SnapshotError,
+    },
 }
 
 pub struct Checkpoint {

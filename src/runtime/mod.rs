@@ -39,7 +39,7 @@ use crate::connectors::kafka::{
 use crate::decode::avro::{AvroDecoder, AvroError};
 use crate::decode::json::JsonDecoder;
 use crate::decode::{RejectReason, Rejection, check_not_future};
-use crate::engine::{Engine, FeatureValue, Outcome, RecordSink};
+use crate::engine::{Engine, FeatureValue, Outcome, RecordSink, SnapshotCapture};
 use crate::telemetry;
 
 /// Wall-clock milliseconds since the epoch.
@@ -250,6 +250,8 @@ struct Worker {
     /// A checkpoint whose files are being written off the consuming thread; its offsets are
     /// committed once they are durable.
     pending: Option<PendingCheckpoint>,
+    /// A checkpoint whose state is being serialised a slice at a time between batches.
+    capturing: Option<Capturing>,
     fatal: Option<anyhow::Error>,
     /// Set at shutdown: partitions revoked by leaving the group keep their state in memory
     /// (the HTTP API can still answer until the process exits).
@@ -737,44 +739,97 @@ impl Worker {
                     .set(w as f64 / 1000.0);
             }
         }
-        let mut files = Vec::with_capacity(self.positions.len());
-        for (&p, &next_offset) in &self.positions {
-            let state = engine.snapshot_partition(p as u32)?;
-            files.push((
-                p,
-                Checkpoint {
-                    next_offset,
-                    watermark,
-                    state,
-                },
-            ));
-        }
-        let serialised = began.elapsed();
         let entities = engine.entity_count();
         drop(engine);
-        let name = &self.shared.pipeline.name;
-        metrics::gauge!(telemetry::STATE_ENTITIES, "pipeline" => name.clone()).set(entities as f64);
-        let bytes: usize = files.iter().map(|(_, c)| c.state.len()).sum();
-        metrics::gauge!(telemetry::STATE_BYTES, "pipeline" => name.clone()).set(bytes as f64);
+        metrics::gauge!(telemetry::STATE_ENTITIES, "pipeline" => self.shared.pipeline.name.clone())
+            .set(entities as f64);
         let ms = |d: Duration| d.as_millis() as u64;
         tracing::debug!(
             outputs_flushed_ms = ms(flushed),
             parquet_ms = ms(snapshots_written - flushed),
-            serialise_ms = ms(serialised - snapshots_written),
-            bytes,
-            "Checkpoint taken; writing it."
+            "Checkpoint begun; serialising the state."
         );
-        let offsets: Vec<(i32, i64)> = files.iter().map(|(p, c)| (*p, c.next_offset)).collect();
-        let store = self.store.clone();
-        let write_all = move || {
-            files
-                .iter()
-                .try_for_each(|(p, checkpoint)| store.save(*p, checkpoint))
-        };
+        // The state as it is now goes with the offsets as they are now. It is serialised a
+        // slice at a time between the next batches (an entity about to change first), so the
+        // stream does not stop for it; a final checkpoint serialises all of it at once.
+        self.shared.engine().begin_snapshot();
+        self.capturing = Some(Capturing {
+            offsets: self.positions.iter().map(|(&p, &o)| (p, o)).collect(),
+            watermark,
+            began,
+        });
         if final_one {
-            // Stopping or handing partitions over: everything is durable before returning.
+            return Ok(self.advance_capture(consumer, true)?.unwrap_or(true));
+        }
+        Ok(true)
+    }
+
+    /// Serialises the next slice of the state of a checkpoint begun (all of what is left when
+    /// `all`). Once it is complete, its files are written on a background thread (or here,
+    /// when `all`), and its offsets committed when they are durable.
+    /// Returns whether the offsets were committed when `all` (`None` otherwise).
+    fn advance_capture(
+        &mut self,
+        consumer: &BaseConsumer<RunContext>,
+        all: bool,
+    ) -> anyhow::Result<Option<bool>> {
+        if self.capturing.is_none() {
+            return Ok(None);
+        }
+        // Files are written, and offsets committed, in the order checkpoints began.
+        self.join_writer(consumer, all)?;
+        if self.pending.is_some() {
+            return Ok(None);
+        }
+        let mut engine = self.shared.engine();
+        if !engine.snapshot_step(if all { usize::MAX } else { SNAPSHOT_SLICE }) {
+            return Ok(None);
+        }
+        let captured = engine.finish_snapshots();
+        drop(engine);
+        let Some(capturing) = self.capturing.take() else {
+            return Ok(None);
+        };
+        // Only partitions owned throughout: one that arrived since has no snapshot, and one
+        // that left was checkpointed when it was revoked.
+        let files: Vec<(i32, i64, SnapshotCapture)> = captured
+            .into_iter()
+            .filter_map(|(p, capture)| {
+                let p = p as i32;
+                let (_, next_offset) = capturing.offsets.iter().find(|(o, _)| *o == p)?;
+                Some((p, *next_offset, capture))
+            })
+            .collect();
+        let offsets: Vec<(i32, i64)> = files.iter().map(|(p, o, _)| (*p, *o)).collect();
+        let store = self.store.clone();
+        let watermark = capturing.watermark;
+        let name = self.shared.pipeline.name.clone();
+        let began = capturing.began;
+        let write_all = move || -> Result<(), CheckpointError> {
+            let mut bytes = 0usize;
+            for (partition, next_offset, capture) in files {
+                let state = capture
+                    .assemble()
+                    .map_err(|source| CheckpointError::Encode { partition, source })?;
+                bytes += state.len();
+                let checkpoint = Checkpoint {
+                    next_offset,
+                    watermark,
+                    state,
+                };
+                store.save(partition, &checkpoint)?;
+            }
+            metrics::gauge!(telemetry::STATE_BYTES, "pipeline" => name).set(bytes as f64);
+            tracing::debug!(
+                bytes,
+                since_begun_ms = began.elapsed().as_millis() as u64,
+                "Checkpoint state serialised and written."
+            );
+            Ok(())
+        };
+        if all {
             write_all()?;
-            return Ok(self.commit(consumer, &offsets, began));
+            return Ok(Some(self.commit(consumer, &offsets, began)));
         }
         // Writing and syncing the files does not need the state: consumption goes on meanwhile.
         let writing = std::thread::Builder::new()
@@ -786,12 +841,25 @@ impl Worker {
             offsets,
             began,
         });
-        Ok(true)
+        Ok(None)
     }
 
     /// Completes the background checkpoint if its files are written (or waits for them when
     /// `wait`), then commits its offsets. A file that could not be written stops the service.
     fn finish_pending(
+        &mut self,
+        consumer: &BaseConsumer<RunContext>,
+        wait: bool,
+    ) -> anyhow::Result<()> {
+        self.join_writer(consumer, wait)?;
+        if wait && self.capturing.is_some() {
+            self.advance_capture(consumer, true)?;
+        }
+        Ok(())
+    }
+
+    /// The part of [`Worker::finish_pending`] that waits for the writer thread.
+    fn join_writer(
         &mut self,
         consumer: &BaseConsumer<RunContext>,
         wait: bool,
@@ -854,6 +922,17 @@ fn log_poll_error(error: &KafkaError, status: &BrokerStatus) {
     if !crate::connectors::kafka::is_transient_transport(error) {
         log_error(error, "while consuming", "consumer", status);
     }
+}
+
+/// Entities serialised per batch while a checkpoint's snapshot is taken: a few milliseconds
+/// of work, so that a large state is spread over a second or so of batches.
+const SNAPSHOT_SLICE: usize = 2048;
+
+/// A checkpoint begun: the offsets and watermark that go with the state being serialised.
+struct Capturing {
+    offsets: Vec<(i32, i64)>,
+    watermark: Option<i64>,
+    began: Instant,
 }
 
 /// Checkpoint files being written by a background thread, and what to commit after.
@@ -987,6 +1066,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         skip_below: BTreeMap::new(),
         last_checkpoint: Instant::now(),
         pending: None,
+        capturing: None,
         fatal: None,
         closing: false,
     }));
@@ -1065,6 +1145,9 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
             Err(e) => break Err(e),
         }
         if let Err(e) = w.finish_pending(&consumer, false) {
+            break Err(e);
+        }
+        if let Err(e) = w.advance_capture(&consumer, false) {
             break Err(e);
         }
         if (w.last_checkpoint.elapsed() >= interval

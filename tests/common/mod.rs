@@ -222,6 +222,13 @@ impl Service {
         }
     }
 
+    /// Kills the process at once (SIGKILL), as a crash or an out-of-memory kill would.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log_text()
+    }
+
     pub fn wait(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + limit;
         loop {
