@@ -624,8 +624,9 @@ impl EntityStore {
 
 impl PartitionState {
     /// Serialises the partition (entities, slot numbers, event-time progress). Timers are not
-    /// stored: they are a function of the state and are rebuilt on restore. The service waits
-    /// for this at every checkpoint, so the slots are encoded in chunks on parallel threads.
+    /// stored: they are a function of the state and are rebuilt on restore. A final checkpoint
+    /// (shutdown, rebalance) waits for this, so the slots are encoded in chunks on parallel
+    /// threads; periodic ones take it a slice at a time ([`SnapshotCapture`]).
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let store = &self.entities;
         let slot_count = store.slots.len();

@@ -4,7 +4,9 @@
 //! server reads the engine's state under a lock. Delivery is at-least-once: every
 //! `state.checkpoint_every` (and on rebalance and shutdown) the loop waits until every output
 //! and dead letter sent so far is acknowledged, writes due Parquet files, saves each
-//! partition's state with its next offset, and only then commits those offsets.
+//! partition's state with its next offset, and only then commits those offsets. The state is
+//! taken as it is when a checkpoint begins but serialised a slice at a time between batches
+//! (see `Engine::begin_snapshot`), so a checkpoint does not stop the stream.
 
 pub mod checkpoint;
 pub mod encode;
