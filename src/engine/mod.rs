@@ -542,29 +542,24 @@ impl Engine {
         }
     }
 
-    /// Begins a snapshot of every partition owned, as they are now, to be taken a slice at a
-    /// time ([`Engine::snapshot_step`]) while events go on being processed. Each partition's
-    /// result is byte for byte what [`Engine::snapshot_partition`] returns now.
-    pub fn begin_snapshot(&mut self) {
-        for part in self.partitions.values_mut() {
-            part.begin_capture();
+    /// Begins a snapshot of each of `partitions` (those owned), as they are now, to be taken a
+    /// slice at a time ([`Engine::snapshot_step`]) while events go on being processed. Each
+    /// partition's result is byte for byte what [`Engine::snapshot_partition`] returns now.
+    pub fn begin_snapshot(&mut self, partitions: impl IntoIterator<Item = u32>) {
+        for p in partitions {
+            if let Some(part) = self.partitions.get_mut(&p) {
+                part.begin_capture();
+            }
         }
     }
 
-    /// Encodes up to `budget` more entities of the snapshot begun in each partition; true when
-    /// every partition's is complete.
+    /// Encodes up to `budget` more entities of the snapshots begun, over all partitions; true
+    /// when every one is complete.
     pub fn snapshot_step(&mut self, budget: usize) -> bool {
-        let mut complete = true;
-        for part in self.partitions.values_mut() {
-            complete &= part.capture_step(budget);
-        }
-        complete
-    }
-
-    /// Completes the snapshot of `partition` begun by [`Engine::begin_snapshot`]; `None` when
-    /// none was begun (the partition arrived since, or left).
-    pub fn finish_snapshot(&mut self, partition: u32) -> Option<SnapshotCapture> {
-        self.partitions.get_mut(&partition)?.finish_capture()
+        let mut left = budget;
+        self.partitions
+            .values_mut()
+            .all(|part| part.capture_step(&mut left))
     }
 
     /// Completes the snapshots begun of every partition: `(partition, snapshot)`.
@@ -573,6 +568,19 @@ impl Engine {
             .iter_mut()
             .filter_map(|(&p, part)| Some((p, part.finish_capture()?)))
             .collect()
+    }
+
+    /// Drops the snapshots begun, unfinished.
+    pub fn abandon_snapshots(&mut self) {
+        for part in self.partitions.values_mut() {
+            part.abandon_capture();
+        }
+    }
+
+    /// Completes the snapshot of `partition` begun by [`Engine::begin_snapshot`]; `None` when
+    /// none was begun (the partition arrived since, or left).
+    pub fn finish_snapshot(&mut self, partition: u32) -> Option<SnapshotCapture> {
+        self.partitions.get_mut(&partition)?.finish_capture()
     }
 
     /// Replaces one partition's state with a snapshot and rebuilds its timers. The pipeline

@@ -490,6 +490,8 @@ pub struct SnapshotCapture {
     free: Vec<u32>,
     /// One per slot that existed when the capture began.
     pieces: Vec<Piece>,
+    /// Slots per chunk, fixed when the capture began (as `snapshot` would have chosen then).
+    chunk: usize,
     in_order: Vec<u8>,
     early: Vec<u8>,
     /// The next slot a step looks at.
@@ -517,7 +519,7 @@ impl SnapshotCapture {
             Piece::Pending => None,
         };
         let slot_count = self.pieces.len();
-        let step = chunk_len(slot_count);
+        let step = self.chunk;
         let mut lengths = Vec::new();
         for start in (0..slot_count).step_by(step) {
             let mut len = 0u64;
@@ -575,14 +577,14 @@ impl EntityStore {
         }
     }
 
-    /// Encodes up to `budget` more slots of the snapshot being taken, in slot order; true
-    /// when every slot is encoded (or no snapshot is being taken).
-    fn capture_step(&mut self, budget: usize) -> bool {
+    /// Encodes up to `budget` more slots of the snapshot being taken, in slot order, taking
+    /// what it encodes off `budget`; true when every slot is encoded (or no snapshot is being
+    /// taken).
+    fn capture_step(&mut self, budget: &mut usize) -> bool {
         let Some(capture) = self.capture.as_deref_mut() else {
             return true;
         };
-        let mut encoded = 0;
-        while capture.cursor < capture.pieces.len() && encoded < budget {
+        while capture.cursor < capture.pieces.len() && *budget > 0 {
             let slot = capture.cursor;
             capture.cursor += 1;
             if !matches!(capture.pieces[slot], Piece::Pending) {
@@ -592,7 +594,7 @@ impl EntityStore {
             let out = std::mem::take(&mut capture.in_order);
             capture.in_order = capture.record(encode_slot(&self.slots, &self.columns, slot, out));
             capture.pieces[slot] = Piece::InOrder(start..capture.in_order.len());
-            encoded += 1;
+            *budget -= 1;
         }
         capture.cursor == capture.pieces.len()
     }
@@ -626,7 +628,7 @@ impl PartitionState {
     /// Serialises the partition (entities, slot numbers, event-time progress). Timers are not
     /// stored: they are a function of the state and are rebuilt on restore. A final checkpoint
     /// (shutdown, rebalance) waits for this, so the slots are encoded in chunks on parallel
-    /// threads; periodic ones take it a slice at a time ([`SnapshotCapture`]).
+    /// threads; periodic ones take the same bytes a slice at a time ([`SnapshotCapture`]).
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         let store = &self.entities;
         let slot_count = store.slots.len();
@@ -665,6 +667,7 @@ impl PartitionState {
             next_seq: self.next_seq,
             free: store.free.clone(),
             pieces: vec![Piece::Pending; store.slots.len()],
+            chunk: chunk_len(store.slots.len()),
             in_order: Vec::new(),
             early: Vec::new(),
             cursor: 0,
@@ -672,16 +675,23 @@ impl PartitionState {
         }));
     }
 
-    /// Encodes up to `budget` more slots of the snapshot begun; true when it is complete.
-    pub fn capture_step(&mut self, budget: usize) -> bool {
+    /// Encodes up to `budget` more slots of the snapshot begun, taking them off `budget`;
+    /// true when it is complete.
+    pub fn capture_step(&mut self, budget: &mut usize) -> bool {
         self.entities.capture_step(budget)
     }
 
     /// Completes the snapshot begun (encoding what is left) and hands it over; `None` when
     /// none was begun.
     pub fn finish_capture(&mut self) -> Option<SnapshotCapture> {
-        self.entities.capture_step(usize::MAX);
+        let mut all = usize::MAX;
+        self.entities.capture_step(&mut all);
         self.entities.capture.take().map(|capture| *capture)
+    }
+
+    /// Drops the snapshot begun, if any.
+    pub fn abandon_capture(&mut self) {
+        self.entities.capture = None;
     }
 
     /// Restores a snapshot taken with the same `features`; the caller re-schedules timers

@@ -968,7 +968,7 @@ proptest! {
             sliced.process(0, &ev.decoded(), 0, &mut records);
         }
         let want = at_start.snapshot_partition(0).expect("encodes");
-        sliced.begin_snapshot();
+        sliced.begin_snapshot([0]);
         for (ev, budget) in events[begin..].iter().zip(&budgets) {
             sliced.process(0, &ev.decoded(), 0, &mut records);
             sliced.snapshot_step(*budget);
@@ -980,5 +980,38 @@ proptest! {
             .expect("encodes");
         prop_assert_eq!(got, want);
         prop_assert!(sliced.finish_snapshot(0).is_none(), "handed over once");
+    }
+}
+
+/// The slice of a snapshot step is shared by all partitions: a step with room for one entity
+/// encodes one entity, whatever the number of partitions.
+#[test]
+fn a_snapshot_slice_spans_partitions() {
+    let p = pipeline(ON_UPDATE);
+    let mut engine = Engine::new(Arc::clone(&p));
+    engine.assign(0, 0);
+    engine.assign(1, 0);
+    let mut records = Vec::new();
+    for (partition, card) in [(0, 0u8), (0, 1), (0, 2), (1, 3), (1, 4)] {
+        let ev = paid(card, 10.0, 1_700_000_000_000 + i64::from(card));
+        engine.process(partition, &ev.decoded(), 0, &mut records);
+    }
+    let want = [
+        engine.snapshot_partition(0).unwrap(),
+        engine.snapshot_partition(1).unwrap(),
+    ];
+    engine.begin_snapshot([0, 1]);
+    let mut steps = 1;
+    while !engine.snapshot_step(1) {
+        steps += 1;
+    }
+    assert_eq!(steps, 5, "five entities, one per step");
+    for (partition, want) in want.iter().enumerate() {
+        let got = engine
+            .finish_snapshot(partition as u32)
+            .expect("begun")
+            .assemble()
+            .unwrap();
+        assert_eq!(&got, want);
     }
 }

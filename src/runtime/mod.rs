@@ -696,6 +696,20 @@ impl Worker {
         consumer: &BaseConsumer<RunContext>,
         final_one: bool,
     ) -> anyhow::Result<bool> {
+        let busy = self.capturing.is_some()
+            || self
+                .pending
+                .as_ref()
+                .is_some_and(|p| !p.writing.is_finished());
+        if busy && !final_one {
+            // The previous checkpoint is still being serialised or written: this one waits
+            // for it rather than make the stream wait.
+            return Ok(false);
+        }
+        if final_one && self.capturing.take().is_some() {
+            // Superseded by this one, which is taken at once: no need to finish it.
+            self.shared.engine().abandon_snapshots();
+        }
         self.last_checkpoint = Instant::now();
         let began = Instant::now();
         let wait = if final_one {
@@ -742,10 +756,38 @@ impl Worker {
             }
         }
         let entities = engine.entity_count();
-        drop(engine);
         metrics::gauge!(telemetry::STATE_ENTITIES, "pipeline" => self.shared.pipeline.name.clone())
             .set(entities as f64);
         let ms = |d: Duration| d.as_millis() as u64;
+        if final_one {
+            // Stopping or handing partitions over: all of the state at once (on parallel
+            // threads, look-ups still served), and everything durable before returning.
+            let mut files = Vec::with_capacity(self.positions.len());
+            for (&p, &next_offset) in &self.positions {
+                let state = engine.snapshot_partition(p as u32)?;
+                files.push((
+                    p,
+                    Checkpoint {
+                        next_offset,
+                        watermark,
+                        state,
+                    },
+                ));
+            }
+            drop(engine);
+            tracing::debug!(
+                outputs_flushed_ms = ms(flushed),
+                parquet_ms = ms(snapshots_written - flushed),
+                serialise_ms = ms(began.elapsed() - snapshots_written),
+                "Final checkpoint serialised; writing it."
+            );
+            for (p, checkpoint) in &files {
+                self.store.save(*p, checkpoint)?;
+            }
+            let offsets: Vec<(i32, i64)> = files.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+            return Ok(self.commit(consumer, &offsets, began));
+        }
+        drop(engine);
         tracing::debug!(
             outputs_flushed_ms = ms(flushed),
             parquet_ms = ms(snapshots_written - flushed),
@@ -753,44 +795,42 @@ impl Worker {
         );
         // The state as it is now goes with the offsets as they are now. It is serialised a
         // slice at a time between the next batches (an entity about to change first), so the
-        // stream does not stop for it; a final checkpoint serialises all of it at once.
-        self.shared.engine().begin_snapshot();
+        // stream does not stop for it.
+        self.shared
+            .engine()
+            .begin_snapshot(self.positions.keys().map(|&p| p as u32));
         self.capturing = Some(Capturing {
             offsets: self.positions.iter().map(|(&p, &o)| (p, o)).collect(),
             watermark,
             began,
         });
-        if final_one {
-            return Ok(self.advance_capture(consumer, true)?.unwrap_or(true));
-        }
         Ok(true)
     }
 
-    /// Serialises the next slice of the state of a checkpoint begun (all of what is left when
-    /// `all`). Once it is complete, its files are written on a background thread (or here,
-    /// when `all`), and its offsets committed when they are durable.
-    /// Returns whether the offsets were committed when `all` (`None` otherwise).
+    /// Serialises the next `slice` entities of the state of a checkpoint begun. Once it is
+    /// complete, its files are written on a background thread and its offsets committed when
+    /// they are durable.
     fn advance_capture(
         &mut self,
         consumer: &BaseConsumer<RunContext>,
-        all: bool,
-    ) -> anyhow::Result<Option<bool>> {
+        slice: usize,
+    ) -> anyhow::Result<()> {
         if self.capturing.is_none() {
-            return Ok(None);
+            return Ok(());
         }
         // Files are written, and offsets committed, in the order checkpoints began.
-        self.join_writer(consumer, all)?;
+        self.join_writer(consumer, false)?;
         if self.pending.is_some() {
-            return Ok(None);
+            return Ok(());
         }
         let mut engine = self.shared.engine();
-        if !engine.snapshot_step(if all { usize::MAX } else { SNAPSHOT_SLICE }) {
-            return Ok(None);
+        if !engine.snapshot_step(slice) {
+            return Ok(());
         }
         let captured = engine.finish_snapshots();
         drop(engine);
         let Some(capturing) = self.capturing.take() else {
-            return Ok(None);
+            return Ok(());
         };
         // Only partitions owned throughout: one that arrived since has no snapshot, and one
         // that left was checkpointed when it was revoked.
@@ -829,10 +869,6 @@ impl Worker {
             );
             Ok(())
         };
-        if all {
-            write_all()?;
-            return Ok(Some(self.commit(consumer, &offsets, began)));
-        }
         // Writing and syncing the files does not need the state: consumption goes on meanwhile.
         let writing = std::thread::Builder::new()
             .name("checkpoint-writer".into())
@@ -843,7 +879,7 @@ impl Worker {
             offsets,
             began,
         });
-        Ok(None)
+        Ok(())
     }
 
     /// Completes the background checkpoint if its files are written (or waits for them when
@@ -853,11 +889,7 @@ impl Worker {
         consumer: &BaseConsumer<RunContext>,
         wait: bool,
     ) -> anyhow::Result<()> {
-        self.join_writer(consumer, wait)?;
-        if wait && self.capturing.is_some() {
-            self.advance_capture(consumer, true)?;
-        }
-        Ok(())
+        self.join_writer(consumer, wait)
     }
 
     /// The part of [`Worker::finish_pending`] that waits for the writer thread.
@@ -929,6 +961,9 @@ fn log_poll_error(error: &KafkaError, status: &BrokerStatus) {
 /// Entities serialised per batch while a checkpoint's snapshot is taken: a few milliseconds
 /// of work, so that a large state is spread over a second or so of batches.
 const SNAPSHOT_SLICE: usize = 2048;
+
+/// Entities serialised per poll that brought nothing.
+const IDLE_SNAPSHOT_SLICE: usize = 32 * SNAPSHOT_SLICE;
 
 /// A checkpoint begun: the offsets and watermark that go with the state being serialised.
 struct Capturing {
@@ -1149,7 +1184,13 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         if let Err(e) = w.finish_pending(&consumer, false) {
             break Err(e);
         }
-        if let Err(e) = w.advance_capture(&consumer, false) {
+        // An idle stream has no batch waiting: larger slices then.
+        let slice = if batch.is_empty() {
+            IDLE_SNAPSHOT_SLICE
+        } else {
+            SNAPSHOT_SLICE
+        };
+        if let Err(e) = w.advance_capture(&consumer, slice) {
             break Err(e);
         }
         if (w.last_checkpoint.elapsed() >= interval
