@@ -959,11 +959,9 @@ fn log_poll_error(error: &KafkaError, status: &BrokerStatus) {
 }
 
 /// Entities serialised per batch while a checkpoint's snapshot is taken: a few milliseconds
-/// of work, so that a large state is spread over a second or so of batches.
+/// of work, so that a large state is spread over a second or so of batches. Not more when a
+/// poll brings nothing: an empty poll does not mean that no event is on its way.
 const SNAPSHOT_SLICE: usize = 2048;
-
-/// Entities serialised per poll that brought nothing.
-const IDLE_SNAPSHOT_SLICE: usize = 32 * SNAPSHOT_SLICE;
 
 /// A checkpoint begun: the offsets and watermark that go with the state being serialised.
 struct Capturing {
@@ -1184,13 +1182,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         if let Err(e) = w.finish_pending(&consumer, false) {
             break Err(e);
         }
-        // An idle stream has no batch waiting: larger slices then.
-        let slice = if batch.is_empty() {
-            IDLE_SNAPSHOT_SLICE
-        } else {
-            SNAPSHOT_SLICE
-        };
-        if let Err(e) = w.advance_capture(&consumer, slice) {
+        if let Err(e) = w.advance_capture(&consumer, SNAPSHOT_SLICE) {
             break Err(e);
         }
         if (w.last_checkpoint.elapsed() >= interval
