@@ -422,21 +422,32 @@ fn sigterm_midstream_and_restart_lose_nothing() {
 
     // More events while it is down: the restarted service has these to consume even when the
     // first one got through the whole first batch before its stop took effect.
-    let later = events(5_000, 30_000);
-    produce(&input, &later);
-    let mut batch = batch;
-    batch.extend(later);
+    let (batch, log) = restart_after_more_events(dir.path(), &pipeline, &input, &output, batch);
+    assert_no_event_lost(&output, &batch, &log);
+}
 
-    let (second, http) = start_service(&pipeline, dir.path().join("second.log"));
+/// Produces 5,000 more events while the service is down, starts it again, waits until every
+/// event (`batch` and those) has its record and stops it cleanly: all the events, and its log.
+fn restart_after_more_events(
+    dir: &std::path::Path,
+    pipeline: &std::path::Path,
+    input: &str,
+    output: &str,
+    mut batch: Vec<(i32, String, Vec<u8>)>,
+) -> (Vec<(i32, String, Vec<u8>)>, String) {
+    let later = events(5_000, 30_000);
+    produce(input, &later);
+    batch.extend(later);
+    let (second, http) = start_service(pipeline, dir.join("second.log"));
     wait_until(
         Duration::from_secs(120),
         "the restarted service consuming",
         || consumed(&http) > 0,
     );
-    wait_for_every_event_record(&output, &batch);
+    wait_for_every_event_record(output, &batch);
     let (status, log) = second.terminate();
     assert!(status.success(), "{log}");
-    assert_no_event_lost(&output, &batch, &log);
+    (batch, log)
 }
 
 #[test]
@@ -466,20 +477,8 @@ fn a_crash_resumes_from_the_last_periodic_checkpoint() {
     });
     let log = first.kill();
     // More events while it is down, computed on the state restored from those checkpoints.
-    let later = events(5_000, 30_000);
-    produce(&input, &later);
-    let mut batch = batch;
-    batch.extend(later);
-
-    let (second, http) = start_service(&pipeline, dir.path().join("second.log"));
-    wait_until(
-        Duration::from_secs(120),
-        "the restarted service consuming",
-        || consumed(&http) > 0,
-    );
-    wait_for_every_event_record(&output, &batch);
-    let (status, second_log) = second.terminate();
-    assert!(status.success(), "{second_log}");
+    let (batch, second_log) =
+        restart_after_more_events(dir.path(), &pipeline, &input, &output, batch);
     assert!(
         second_log.contains("Restored partition state from its checkpoint"),
         "the restarted service resumed from the crashed one's checkpoints:\n{log}\n{second_log}"
