@@ -351,20 +351,14 @@ impl<S: WindowState> Column for States<S> {
         values: Option<&mut Vec<FeatureValue>>,
     ) -> Option<i64> {
         debug_assert!(slot < self.0.len(), "a column out of step with the slots");
-        let Some(state) = self.0.get_mut(slot) else {
-            if let Some(values) = values {
-                values.push(FeatureValue::Null);
+        let state = self.0.get_mut(slot).map(|state| {
+            state.set_as_of(feature, as_of);
+            if let Some(input) = input {
+                state.add(feature, input);
             }
-            return None;
-        };
-        state.set_as_of(feature, as_of);
-        if let Some(input) = input {
-            state.add(feature, input);
-        }
-        if let Some(values) = values {
-            values.push(state.value(feature, clock.watermark));
-        }
-        state.next_change(feature, clock)
+            &*state
+        });
+        read_after_update(state, feature, clock, values)
     }
 
     fn update_time(
@@ -376,20 +370,14 @@ impl<S: WindowState> Column for States<S> {
         closed: &mut Vec<Closed>,
         values: Option<&mut Vec<FeatureValue>>,
     ) -> Option<i64> {
-        let Some(state) = self.0.get_mut(slot) else {
-            if let Some(values) = values {
-                values.push(FeatureValue::Null);
+        let state = self.0.get_mut(slot).map(|state| {
+            if let Some(as_of) = as_of {
+                state.set_as_of(feature, as_of);
             }
-            return None;
-        };
-        if let Some(as_of) = as_of {
-            state.set_as_of(feature, as_of);
-        }
-        state.on_watermark(feature, clock, closed);
-        if let Some(values) = values {
-            values.push(state.value(feature, clock.watermark));
-        }
-        state.next_change(feature, clock)
+            state.on_watermark(feature, clock, closed);
+            &*state
+        });
+        read_after_update(state, feature, clock, values)
     }
 
     fn value(&self, slot: usize, feature: &Feature, watermark: i64) -> FeatureValue {
@@ -454,6 +442,20 @@ impl<S: WindowState> Column for States<S> {
     fn into_any(self: Box<Self>) -> Box<dyn Any> {
         self
     }
+}
+
+/// What both updates end with: the value pushed onto `values` (when given; null for a slot
+/// out of range) and the next change by time alone.
+fn read_after_update<S: WindowState>(
+    state: Option<&S>,
+    feature: &Feature,
+    clock: &Clock,
+    values: Option<&mut Vec<FeatureValue>>,
+) -> Option<i64> {
+    if let Some(values) = values {
+        values.push(state.map_or(FeatureValue::Null, |s| s.value(feature, clock.watermark)));
+    }
+    state?.next_change(feature, clock)
 }
 
 /// The empty column that holds `feature`'s state; `close_windows` is whether closed windows
