@@ -577,12 +577,6 @@ impl Engine {
         }
     }
 
-    /// Completes the snapshot of `partition` begun by [`Engine::begin_snapshot`]; `None` when
-    /// none was begun (the partition arrived since, or left).
-    pub fn finish_snapshot(&mut self, partition: u32) -> Option<SnapshotCapture> {
-        self.partitions.get_mut(&partition)?.finish_capture()
-    }
-
     /// Replaces one partition's state with a snapshot and rebuilds its timers. The pipeline
     /// watermark is kept as the maximum of what this engine and the snapshot have seen.
     pub fn restore_partition(

@@ -973,13 +973,12 @@ proptest! {
             sliced.process(0, &ev.decoded(), 0, &mut records);
             sliced.snapshot_step(*budget);
         }
-        let got = sliced
-            .finish_snapshot(0)
-            .expect("a snapshot was begun")
-            .assemble()
-            .expect("encodes");
-        prop_assert_eq!(got, want);
-        prop_assert!(sliced.finish_snapshot(0).is_none(), "handed over once");
+        let mut finished = sliced.finish_snapshots();
+        prop_assert_eq!(finished.len(), 1, "one partition, one snapshot");
+        let (partition, capture) = finished.remove(0);
+        prop_assert_eq!(partition, 0);
+        prop_assert_eq!(capture.assemble().expect("encodes"), want);
+        prop_assert!(sliced.finish_snapshots().is_empty(), "handed over once");
     }
 }
 
@@ -1006,12 +1005,9 @@ fn a_snapshot_slice_spans_partitions() {
         steps += 1;
     }
     assert_eq!(steps, 5, "five entities, one per step");
-    for (partition, want) in want.iter().enumerate() {
-        let got = engine
-            .finish_snapshot(partition as u32)
-            .expect("begun")
-            .assemble()
-            .unwrap();
-        assert_eq!(&got, want);
+    let finished = engine.finish_snapshots();
+    assert_eq!(finished.len(), 2);
+    for ((partition, capture), want) in finished.into_iter().zip(&want) {
+        assert_eq!(&capture.assemble().unwrap(), want, "partition {partition}");
     }
 }
