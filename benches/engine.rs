@@ -51,6 +51,53 @@ fn resident_bytes() -> Option<usize> {
     Some(kb * 1024)
 }
 
+/// Decodes every payload; returns how many decoded. Not inlined, so that profilers can count
+/// it on its own.
+#[inline(never)]
+fn decode_all(decoder: &JsonDecoder, payloads: &[Vec<u8>]) -> usize {
+    payloads
+        .iter()
+        .filter(|p| black_box(decoder.decode(p)).is_ok())
+        .count()
+}
+
+/// The measured path: decodes each payload and gives it to the engine; returns how many
+/// events were late. Not inlined, so that profilers can count it on its own
+/// (`--toggle-collect='*decode_and_aggregate*'`).
+#[inline(never)]
+fn decode_and_aggregate(
+    decoder: &JsonDecoder,
+    payloads: &[Vec<u8>],
+    engine: &mut Engine,
+    sink: &mut CountingSink,
+    warm: bool,
+) -> usize {
+    let mut late = 0;
+    // Events are decoded a few ahead so that the engine can warm their state (as `run` does
+    // with the keys of the messages that follow in its batch).
+    let mut upcoming = std::collections::VecDeque::with_capacity(4);
+    let mut inputs = payloads.iter();
+    loop {
+        while upcoming.len() <= featurestream::engine::WARM_AHEAD {
+            let Some(p) = inputs.next() else { break };
+            match decoder.decode(p) {
+                Ok(event) => upcoming.push_back(event),
+                Err(e) => panic!("bench event rejected: {e}"),
+            }
+        }
+        let Some(event) = upcoming.pop_front() else {
+            break;
+        };
+        if warm {
+            engine.warm(upcoming.iter().map(|e| (0, &*e.entity)));
+        }
+        if let Outcome::Late { .. } = engine.process(0, &event, 0, sink) {
+            late += 1;
+        }
+    }
+    late
+}
+
 fn main() {
     let events = env("BENCH_EVENTS", 3_000_000) as usize;
     let entities = env("BENCH_ENTITIES", 100_000) as usize;
@@ -77,10 +124,7 @@ fn main() {
 
     // Decode alone, for reference.
     let t = Instant::now();
-    let mut ok = 0usize;
-    for p in &payloads {
-        ok += usize::from(black_box(decoder.decode(p)).is_ok());
-    }
+    let ok = decode_all(&decoder, &payloads);
     let decode_secs = t.elapsed().as_secs_f64();
     assert_eq!(ok, events);
 
@@ -89,31 +133,9 @@ fn main() {
     let mut engine = Engine::new(Arc::clone(&pipeline));
     engine.assign(0, 0);
     let mut sink = CountingSink::default();
-    let mut late = 0usize;
-    let t = Instant::now();
-    // Events are decoded a few ahead so that the engine can warm their state (as `run` does
-    // with the keys of the messages that follow in its batch).
     let warm = env("BENCH_WARM", 1) == 1;
-    let mut upcoming = std::collections::VecDeque::with_capacity(4);
-    let mut inputs = payloads.iter();
-    loop {
-        while upcoming.len() <= featurestream::engine::WARM_AHEAD {
-            let Some(p) = inputs.next() else { break };
-            match decoder.decode(p) {
-                Ok(event) => upcoming.push_back(event),
-                Err(e) => panic!("bench event rejected: {e}"),
-            }
-        }
-        let Some(event) = upcoming.pop_front() else {
-            break;
-        };
-        if warm {
-            engine.warm(upcoming.iter().map(|e| (0, &*e.entity)));
-        }
-        if let Outcome::Late { .. } = engine.process(0, &event, 0, &mut sink) {
-            late += 1;
-        }
-    }
+    let t = Instant::now();
+    let late = decode_and_aggregate(&decoder, &payloads, &mut engine, &mut sink, warm);
     let total_secs = t.elapsed().as_secs_f64();
     let stats = engine.state_stats();
     let rss_growth = resident_bytes()

@@ -169,9 +169,11 @@ impl<'a> Parser<'a> {
 
     fn number(&mut self) -> Result<Found<'a>, Syntax> {
         let start = self.at;
-        if self.bytes.get(self.at) == Some(&b'-') {
+        let negative = self.bytes.get(self.at) == Some(&b'-');
+        if negative {
             self.at += 1;
         }
+        let int_start = self.at;
         match self.bytes.get(self.at) {
             Some(b'0') => self.at += 1,
             Some(b'1'..=b'9') => {
@@ -179,17 +181,20 @@ impl<'a> Parser<'a> {
             }
             _ => return self.fail("invalid number"),
         }
-        let mut integer = true;
+        let int_digits = &self.bytes[int_start..self.at];
+        let mut fraction: &[u8] = &[];
         if self.bytes.get(self.at) == Some(&b'.') {
             self.at += 1;
-            integer = false;
+            let frac_start = self.at;
             if self.digits() == 0 {
                 return self.fail("invalid number");
             }
+            fraction = &self.bytes[frac_start..self.at];
         }
+        let mut exponent = false;
         if let Some(b'e' | b'E') = self.bytes.get(self.at) {
             self.at += 1;
-            integer = false;
+            exponent = true;
             if let Some(b'+' | b'-') = self.bytes.get(self.at) {
                 self.at += 1;
             }
@@ -197,7 +202,11 @@ impl<'a> Parser<'a> {
                 return self.fail("invalid number");
             }
         }
+        let integer = fraction.is_empty() && !exponent;
         let text = &self.text[start..self.at];
+        if !exponent && let Some(found) = short_decimal(negative, int_digits, fraction, text) {
+            return Ok(found);
+        }
         if integer && let Ok(i) = text.parse::<i64>() {
             return Ok(Found::Int(i));
         }
@@ -342,6 +351,59 @@ pub(super) fn plain_run_swar(bytes: &[u8]) -> usize {
         .unwrap_or(words.remainder().len())
 }
 
+/// Powers of ten that a double holds exactly.
+const EXACT_POWERS_OF_TEN: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// The value of a number without exponent whose digits fit in a u64, without the general
+/// parser: an integer as is, and a decimal as `digits / 10^fraction` when both are exact
+/// doubles, so that one correctly rounded division gives exactly what parsing the text does.
+/// `None` for anything else (the caller parses the text).
+fn short_decimal<'a>(
+    negative: bool,
+    int_digits: &[u8],
+    fraction: &[u8],
+    text: &'a str,
+) -> Option<Found<'a>> {
+    if int_digits.len() + fraction.len() > 19 {
+        return None;
+    }
+    let digits = int_digits
+        .iter()
+        .chain(fraction)
+        .fold(0u64, |value, &d| value * 10 + u64::from(d - b'0'));
+    if fraction.is_empty() {
+        let magnitude = i64::try_from(digits).ok()?;
+        return Some(Found::Int(if negative { -magnitude } else { magnitude }));
+    }
+    if digits > 1 << 53 || fraction.len() >= EXACT_POWERS_OF_TEN.len() {
+        return None;
+    }
+    let magnitude = digits as f64 / EXACT_POWERS_OF_TEN[fraction.len()];
+    Some(Found::Float(
+        if negative { -magnitude } else { magnitude },
+        text,
+    ))
+}
+
+/// `bytes` starts with `prefix` (a quoted key, usually 4 to 16 bytes): two overlapping word
+/// comparisons where they fit, rather than a call to `memcmp` for a few bytes.
+fn starts_with_key(bytes: &[u8], prefix: &[u8]) -> bool {
+    let Some(head) = bytes.get(..prefix.len()) else {
+        return false;
+    };
+    fn ends<const N: usize>(s: &[u8]) -> Option<(&[u8; N], &[u8; N])> {
+        Some((s.first_chunk::<N>()?, s.last_chunk::<N>()?))
+    }
+    match prefix.len() {
+        8..=16 => ends::<8>(head) == ends::<8>(prefix),
+        4..=7 => ends::<4>(head) == ends::<4>(prefix),
+        _ => head == prefix,
+    }
+}
+
 /// How much of a long value a message quotes.
 const QUOTE_LIMIT: usize = 40;
 
@@ -450,7 +512,8 @@ impl JsonDecoder {
             }
         }
         let schema = &self.source.schema;
-        let mut fields = vec![Value::Null; schema.fields.len()];
+        let mut fields = Vec::with_capacity(schema.fields.len());
+        fields.resize_with(schema.fields.len(), || Value::Null);
         // Fields whose latest value has the wrong type (a duplicate key's last value wins, so
         // a later good value clears an earlier error); empty and unallocated for good events.
         let mut schema_errors: Vec<(usize, String)> = Vec::new();
@@ -469,7 +532,7 @@ impl JsonDecoder {
                         Some(quoted)
                             if bytes
                                 .get(parser.at..)
-                                .is_some_and(|r| r.starts_with(quoted)) =>
+                                .is_some_and(|r| starts_with_key(r, quoted)) =>
                         {
                             parser.at += quoted.len();
                             Some(next_guess)

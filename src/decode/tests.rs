@@ -403,3 +403,45 @@ proptest! {
         prop_assert_eq!(super::json::plain_run_swar(&bytes), want);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// Numbers read without the general parser (short decimals, integers) come out bit for bit
+    /// as the standard parser reads their text, at every digit count and sign, as floats and
+    /// as ints.
+    #[test]
+    fn numbers_decode_exactly_as_their_text_parses(
+        negative in any::<bool>(),
+        int_part in prop_oneof![Just("0".to_string()), "[1-9][0-9]{0,19}"],
+        fraction in proptest::option::of("[0-9]{1,24}"),
+        exponent in proptest::option::of(-30i32..30),
+    ) {
+        let sign = if negative { "-" } else { "" };
+        let fraction = fraction.map(|f| format!(".{f}")).unwrap_or_default();
+        let exponent = exponent.map(|e| format!("e{e}")).unwrap_or_default();
+        let number = format!("{sign}{int_part}{fraction}{exponent}");
+        let decoder = JsonDecoder::new(&source(""));
+        let as_float = format!(r#"{{"id":"a","n":1,"x":{number},"ts":1}}"#);
+        let event = decoder
+            .decode(as_float.as_bytes())
+            .expect("a float field takes any finite number");
+        // An integer where a float is declared is the integer converted (so `-0` is 0).
+        let want = match number.parse::<i64>() {
+            Ok(i) => i as f64,
+            Err(_) => number.parse::<f64>().expect("a JSON number parses"),
+        };
+        prop_assert_eq!(&event.fields[2], &Value::Float(want));
+        if let Value::Float(got) = event.fields[2] {
+            prop_assert_eq!(got.to_bits(), want.to_bits(), "{}", number);
+        }
+        let int_text = format!(r#"{{"id":"a","n":{number},"ts":1}}"#);
+        let as_int = decoder.decode(int_text.as_bytes());
+        match number.parse::<i64>() {
+            Ok(i) if fraction.is_empty() && exponent.is_empty() => {
+                prop_assert_eq!(&as_int.expect("an integer").fields[1], &Value::Int(i));
+            }
+            _ => prop_assert_eq!(as_int.expect_err("not an i64").reason, RejectReason::Schema),
+        }
+    }
+}
