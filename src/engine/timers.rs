@@ -1,11 +1,13 @@
 //! The timer queue of one partition: `(due, slot)` entries saying when an entity next changes
 //! by time alone, taken out in bulk as the watermark passes them.
 //!
-//! A radix heap. The watermark only moves forward, so entries are bucketed by the highest bit
-//! in which their due time differs from the last minimum taken (`floor`): pushing is O(1), and
-//! each entry moves to a lower bucket at most 64 times over its life. Compared with a binary
-//! heap over ~100,000 entities, this avoids a sift through ~17 levels of cold memory for every
-//! timer fired. An entry due before `floor` (an entity behind the watermark) is filed as due
+//! A radix queue over due times with 8-bit digits (a hierarchical timing wheel spanning every
+//! time). The watermark only moves forward, so an entry is filed at the level of the highest
+//! digit in which its due time differs from the last time taken out (`floor`), in the slot of
+//! that digit: pushing is O(1), and an entry moves down a level at most 7 times over its life
+//! (two or three for a due time minutes to hours ahead), where a binary heap would sift through
+//! ~17 levels of cold memory per timer and a radix heap with 1-bit digits moves an entry about
+//! twenty times. An entry due before `floor` (an entity behind the watermark) is filed as due
 //! at `floor`, which is already passed: it comes out with the next batch.
 //!
 //! Entries are not removed when an entity's due time changes; the engine drops stale ones
@@ -16,16 +18,36 @@ fn key(due: i64) -> u64 {
     (due as u64) ^ (1 << 63)
 }
 
+const DIGIT_BITS: u32 = 8;
+const SLOTS: usize = 1 << DIGIT_BITS;
+const LEVELS: usize = (u64::BITS / DIGIT_BITS) as usize;
+/// Occupancy words per level.
+const WORDS: usize = SLOTS / 64;
+/// Entries an emptied slot keeps room for, for the next time it fills; a larger buffer is
+/// freed (its entries have moved on, and keeping every slot's peak capacity would hold several
+/// times the live timers).
+const KEPT_CAPACITY: usize = 64;
+
+/// The level at which `k` is filed relative to `floor`: that of its highest digit differing.
+fn level_of(k: u64, floor: u64) -> usize {
+    match k ^ floor {
+        0 => 0,
+        diff => ((u64::BITS - 1 - diff.leading_zeros()) / DIGIT_BITS) as usize,
+    }
+}
+
+fn digit(k: u64, level: usize) -> usize {
+    ((k >> (level as u32 * DIGIT_BITS)) as usize) & (SLOTS - 1)
+}
+
 #[derive(Debug, Clone)]
 pub struct TimerQueue {
-    /// Bucket `b` holds entries whose key differs from `floor` first in bit `b - 1`; bucket
-    /// 0 holds entries whose key is `floor`.
-    buckets: Vec<Vec<(i64, u32)>>,
-    /// The smallest key in each bucket (`u64::MAX` when empty), so that finding the next
-    /// minimum never scans a bucket that is not due yet.
-    mins: Vec<u64>,
-    /// Bit `b` set when bucket `b` holds entries.
-    filled: u128,
+    /// Slot `level * SLOTS + d` holds entries whose key agrees with `floor` above `level`'s
+    /// digit and has digit `d` there, which is above `floor`'s digit (at level 0, equal or
+    /// above: the key is then exactly determined).
+    slots: Vec<Vec<(i64, u32)>>,
+    /// Per level, bit `d` set when slot `d` holds entries.
+    occupied: [[u64; WORDS]; LEVELS],
     /// The smallest key taken out so far (never past the latest watermark drained to).
     floor: u64,
     len: usize,
@@ -34,9 +56,8 @@ pub struct TimerQueue {
 impl Default for TimerQueue {
     fn default() -> Self {
         TimerQueue {
-            buckets: vec![Vec::new(); 65],
-            mins: vec![u64::MAX; 65],
-            filled: 0,
+            slots: vec![Vec::new(); LEVELS * SLOTS],
+            occupied: [[0; WORDS]; LEVELS],
             floor: 0,
             len: 0,
         }
@@ -47,10 +68,23 @@ impl TimerQueue {
     /// Files an entry under its key, clamped to `floor`.
     fn file(&mut self, due: i64, slot: u32) {
         let k = key(due).max(self.floor);
-        let b = (64 - (k ^ self.floor).leading_zeros()) as usize;
-        self.buckets[b].push((due, slot));
-        self.mins[b] = self.mins[b].min(k);
-        self.filled |= 1 << b;
+        let level = level_of(k, self.floor);
+        let d = digit(k, level);
+        self.slots[level * SLOTS + d].push((due, slot));
+        self.occupied[level][d / 64] |= 1 << (d % 64);
+    }
+
+    /// The lowest occupied slot of `level`.
+    fn lowest_occupied(&self, level: usize) -> Option<usize> {
+        self.occupied[level]
+            .iter()
+            .enumerate()
+            .find(|(_, word)| **word != 0)
+            .map(|(w, word)| w * 64 + word.trailing_zeros() as usize)
+    }
+
+    fn clear_occupied(&mut self, level: usize, d: usize) {
+        self.occupied[level][d / 64] &= !(1 << (d % 64));
     }
 
     pub fn push(&mut self, due: i64, slot: u32) {
@@ -62,34 +96,46 @@ impl TimerQueue {
     pub fn drain_due(&mut self, watermark: i64, out: &mut Vec<(i64, u32)>) {
         let limit = key(watermark);
         loop {
-            if self.filled & 1 != 0 {
-                // Keyed at `floor`, which is at or before a watermark already drained to.
-                self.len -= self.buckets[0].len();
-                out.append(&mut self.buckets[0]);
-                self.mins[0] = u64::MAX;
-                self.filled &= !1;
+            // A level-0 slot holds one key: `floor` with its lowest digit replaced.
+            if let Some(d) = self.lowest_occupied(0) {
+                let k = (self.floor & !(SLOTS as u64 - 1)) | d as u64;
+                if k > limit {
+                    return;
+                }
+                self.len -= self.slots[d].len();
+                out.append(&mut self.slots[d]);
+                if self.slots[d].capacity() > KEPT_CAPACITY {
+                    self.slots[d] = Vec::new();
+                }
+                self.clear_occupied(0, d);
+                self.floor = k;
+                continue;
             }
-            if self.filled == 0 {
+            // Level 0 is empty: the lowest slot of the lowest level with entries begins the
+            // next keys. If it is passed, advance to its start and spread it over the levels
+            // below.
+            let Some((level, d)) = (1..LEVELS).find_map(|l| Some((l, self.lowest_occupied(l)?)))
+            else {
+                return;
+            };
+            let shift = level as u32 * DIGIT_BITS;
+            let above = self
+                .floor
+                .checked_shr(shift + DIGIT_BITS)
+                .map_or(0, |high| high << (shift + DIGIT_BITS));
+            let start = above | (d as u64) << shift;
+            if start > limit {
                 return;
             }
-            let b = self.filled.trailing_zeros() as usize;
-            let min = self.mins[b];
-            if min > limit {
-                return;
-            }
-            // Advance to the smallest key and spread that bucket over the lower ones.
-            self.floor = min;
-            let mut moving = std::mem::take(&mut self.buckets[b]);
-            self.mins[b] = u64::MAX;
-            self.filled &= !(1 << b);
+            self.floor = start;
+            let index = level * SLOTS + d;
+            let mut moving = std::mem::take(&mut self.slots[index]);
+            self.clear_occupied(level, d);
             for (due, slot) in moving.drain(..) {
                 self.file(due, slot);
             }
-            // A small emptied buffer is kept for the next time this bucket fills; a large one
-            // is freed (the entries now live in lower buckets, and keeping every bucket's
-            // peak capacity would hold several times the live timers).
-            if moving.capacity() <= 4096 && self.buckets[b].is_empty() {
-                self.buckets[b] = moving;
+            if moving.capacity() <= KEPT_CAPACITY && self.slots[index].is_empty() {
+                self.slots[index] = moving;
             }
         }
     }
@@ -103,10 +149,12 @@ impl TimerQueue {
     }
 
     pub fn heap_bytes(&self) -> usize {
-        self.buckets
-            .iter()
-            .map(|b| b.capacity() * std::mem::size_of::<(i64, u32)>())
-            .sum()
+        self.slots.capacity() * std::mem::size_of::<Vec<(i64, u32)>>()
+            + self
+                .slots
+                .iter()
+                .map(|b| b.capacity() * std::mem::size_of::<(i64, u32)>())
+                .sum::<usize>()
     }
 }
 
@@ -141,6 +189,42 @@ mod tests {
                 } else {
                     queue.push(value, slot);
                     reference.push((value, slot));
+                }
+                prop_assert_eq!(queue.len(), reference.len());
+            }
+        }
+
+        /// The same over spans from milliseconds to centuries (every level of the queue),
+        /// across the sign of due times and with the extremes, and watermark jumps of any size.
+        #[test]
+        fn drains_exactly_what_is_due_over_any_span(
+            start in any::<i64>(),
+            steps in proptest::collection::vec(
+                (any::<bool>(), 0u32..63, any::<u64>(), 0u32..50, 0u8..20), 1..400)
+        ) {
+            let mut queue = TimerQueue::default();
+            let mut reference: Vec<(i64, u32)> = Vec::new();
+            let mut watermark = start / 2;
+            for (drain, scale, random, slot, extreme) in steps {
+                let offset = (random % (1u64 << scale)) as i64 - (1i64 << scale) / 2;
+                if drain {
+                    watermark = watermark.saturating_add(offset.abs() / 3);
+                    let mut out = Vec::new();
+                    queue.drain_due(watermark, &mut out);
+                    out.sort_unstable();
+                    let mut due: Vec<(i64, u32)> =
+                        reference.iter().copied().filter(|(d, _)| *d <= watermark).collect();
+                    due.sort_unstable();
+                    reference.retain(|(d, _)| *d > watermark);
+                    prop_assert_eq!(out, due);
+                } else {
+                    let due = match extreme {
+                        0 => i64::MIN,
+                        1 => i64::MAX,
+                        _ => watermark.saturating_add(offset),
+                    };
+                    queue.push(due, slot);
+                    reference.push((due, slot));
                 }
                 prop_assert_eq!(queue.len(), reference.len());
             }
