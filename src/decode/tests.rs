@@ -174,6 +174,21 @@ fn messages_name_the_field_and_what_was_found() {
     assert_eq!(r.message, "required field `id` is missing or null");
 }
 
+#[test]
+fn invalid_utf8_is_reported_where_it_starts() {
+    // A Latin-1 "é" inside a key, and a truncated three-byte sequence at the end.
+    for (bytes, at) in [
+        (&b"{\"caf\xe9\":1}"[..], 5),
+        (&b"{\"id\":\"a\xe2\x82"[..], 8),
+    ] {
+        let r = JsonDecoder::new(&source(""))
+            .decode(bytes)
+            .expect_err("invalid UTF-8 is rejected");
+        assert_eq!(r.reason, RejectReason::Malformed);
+        assert_eq!(r.message, format!("event is not valid UTF-8 (byte {at})"));
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
