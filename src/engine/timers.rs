@@ -164,6 +164,27 @@ mod tests {
 
     use super::*;
 
+    /// Drains `queue` to `watermark` and checks that exactly the entries of `reference` due
+    /// came out, each once; drops them from `reference`.
+    fn drain_matches(
+        queue: &mut TimerQueue,
+        reference: &mut Vec<(i64, u32)>,
+        watermark: i64,
+    ) -> Result<(), TestCaseError> {
+        let mut out = Vec::new();
+        queue.drain_due(watermark, &mut out);
+        out.sort_unstable();
+        let mut due: Vec<(i64, u32)> = reference
+            .iter()
+            .copied()
+            .filter(|(d, _)| *d <= watermark)
+            .collect();
+        due.sort_unstable();
+        reference.retain(|(d, _)| *d > watermark);
+        prop_assert_eq!(out, due);
+        Ok(())
+    }
+
     proptest! {
         /// Against a sorted list: pushes at any time (before the floor too) and drains to a
         /// rising watermark return exactly the entries due, each once.
@@ -178,14 +199,7 @@ mod tests {
             for (drain, value, slot) in steps {
                 if drain {
                     watermark += value.abs() / 4;
-                    let mut out = Vec::new();
-                    queue.drain_due(watermark, &mut out);
-                    out.sort_unstable();
-                    let mut due: Vec<(i64, u32)> =
-                        reference.iter().copied().filter(|(d, _)| *d <= watermark).collect();
-                    due.sort_unstable();
-                    reference.retain(|(d, _)| *d > watermark);
-                    prop_assert_eq!(out, due);
+                    drain_matches(&mut queue, &mut reference, watermark)?;
                 } else {
                     queue.push(value, slot);
                     reference.push((value, slot));
@@ -209,14 +223,7 @@ mod tests {
                 let offset = (random % (1u64 << scale)) as i64 - (1i64 << scale) / 2;
                 if drain {
                     watermark = watermark.saturating_add(offset.abs() / 3);
-                    let mut out = Vec::new();
-                    queue.drain_due(watermark, &mut out);
-                    out.sort_unstable();
-                    let mut due: Vec<(i64, u32)> =
-                        reference.iter().copied().filter(|(d, _)| *d <= watermark).collect();
-                    due.sort_unstable();
-                    reference.retain(|(d, _)| *d > watermark);
-                    prop_assert_eq!(out, due);
+                    drain_matches(&mut queue, &mut reference, watermark)?;
                 } else {
                     let due = match extreme {
                         0 => i64::MIN,
