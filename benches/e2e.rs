@@ -5,7 +5,9 @@
 //! `cargo bench --bench e2e` (env: E2E_EVENTS, default 2,000,000; E2E_RATE, default 50,000/s;
 //! E2E_LATENCY_SECS, default 20; E2E_WARMUP_SECS, default 5, left out of the steady-state
 //! latency; E2E_CHECKPOINT_EVERY, default 5s, the service's `state.checkpoint_every`;
-//! E2E_SINK_OPTIONS, default `{}`, librdkafka settings for its producer as a YAML map).
+//! E2E_SINK_OPTIONS, default `{}`, librdkafka settings for its producer as a YAML map;
+//! E2E_QUIET_CARDS, default 0 = off: also load that many distinct cards, let the stream go
+//! quiet, and report how often checkpoints complete then, with checkpoints every 3 s).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +37,7 @@ fn pipeline(
     output: &str,
     dir: &std::path::Path,
     features: &str,
+    checkpoint_every: &str,
 ) -> String {
     format!(
         r#"
@@ -54,7 +57,7 @@ state: {{ entity_ttl: 7d, dir: "{d}", checkpoint_every: {c} }}
 "#,
         b = brokers(),
         d = dir.display(),
-        c = std::env::var("E2E_CHECKPOINT_EVERY").unwrap_or_else(|_| "5s".into()),
+        c = checkpoint_every,
         o = std::env::var("E2E_SINK_OPTIONS").unwrap_or_else(|_| "{}".into())
     )
 }
@@ -75,6 +78,7 @@ fn main() {
             .init();
     }
     let events = env("E2E_EVENTS", 2_000_000);
+    let checkpoint_every = std::env::var("E2E_CHECKPOINT_EVERY").unwrap_or_else(|_| "5s".into());
     let rate = env("E2E_RATE", 50_000);
     let latency_secs = env("E2E_LATENCY_SECS", 20);
     let run = format!("e2e-{}", now_ms());
@@ -125,6 +129,7 @@ fn main() {
         &output,
         dir.path(),
         CARD_FEATURES,
+        &checkpoint_every,
     );
     let pipe = Arc::new(compile_source("e2e.yaml", &text).unwrap());
     let shared = Shared::new(Arc::clone(&pipe), Arc::new(AtomicBool::new(false)));
@@ -164,7 +169,14 @@ fn main() {
   - { name: amount_sum_today, agg: sum, field: amount, window: { tumbling: 1d } }
   - { name: merchants_today, agg: distinct_count, field: merchant_id, window: { tumbling: 1d } }
   - { name: amount_p90_all, agg: { percentile: 0.9 }, field: amount, window: lifetime }"#;
-    let text = pipeline(&format!("{run}-lat"), &lin, &lout, dir.path(), lat_features);
+    let text = pipeline(
+        &format!("{run}-lat"),
+        &lin,
+        &lout,
+        dir.path(),
+        lat_features,
+        &checkpoint_every,
+    );
     let pipe = Arc::new(compile_source("lat.yaml", &text).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let shared = Shared::new(pipe, Arc::clone(&stop));
@@ -273,4 +285,96 @@ fn main() {
         all.last().unwrap(),
         all.len()
     );
+
+    let cards = env("E2E_QUIET_CARDS", 0);
+    if cards > 0 {
+        quiet_checkpoints(&run, cards);
+    }
+}
+
+/// Checkpoints on a quiet stream: `cards` distinct cards arrive, then nothing. With
+/// checkpoints every 3 s, each should complete about 3 s after the previous one; a slow
+/// serialisation of the state shows as longer gaps.
+fn quiet_checkpoints(run: &str, cards: u64) {
+    let (input, output) = (format!("{run}-quiet-in"), format!("{run}-quiet-out"));
+    create_topics(&[&input, &output]);
+    let p = producer();
+    for i in 0..cards {
+        let card = format!("card_{i:07}");
+        let payload = format!(
+            r#"{{"card_id":"{card}","merchant_id":"m_{}","amount":{}.5,"status":"approved","ts":{}}}"#,
+            i % 5_000,
+            10 + i % 300,
+            1_772_323_200_000 + i as i64
+        );
+        send(&p, &input, &card, &payload);
+    }
+    p.flush(Duration::from_secs(120)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let text = pipeline(
+        &format!("{run}-quiet"),
+        &input,
+        &output,
+        dir.path(),
+        CARD_FEATURES,
+        "3s",
+    );
+    let pipe = Arc::new(compile_source("quiet.yaml", &text).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = Shared::new(pipe, Arc::clone(&stop));
+    let service = {
+        let shared = Arc::clone(&shared);
+        std::thread::spawn(move || run_service(shared, &RunOptions::default()))
+    };
+    let began = Instant::now();
+    while shared.counters.consumed.load(Ordering::Relaxed) < cards {
+        assert!(
+            began.elapsed() < Duration::from_secs(300),
+            "the service did not consume the {cards} cards within 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Watch the checkpoint file while nothing arrives: each completed checkpoint replaces it.
+    let watch = Duration::from_secs(30);
+    let started = Instant::now();
+    let mut last_written = checkpoint_written(dir.path());
+    let mut completed = Vec::new();
+    while started.elapsed() < watch {
+        std::thread::sleep(Duration::from_millis(20));
+        let written = checkpoint_written(dir.path());
+        if written != last_written {
+            completed.push(started.elapsed());
+            last_written = written;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    service.join().unwrap().unwrap();
+    let gaps: Vec<f64> = completed
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    let longest = gaps.iter().copied().fold(0.0, f64::max);
+    println!(
+        "quiet stream         {cards} cards, checkpoints every 3 s: {} completed in {} s of quiet; longest gap between them {longest:.1} s",
+        completed.len(),
+        watch.as_secs()
+    );
+}
+
+/// When the newest checkpoint file under `dir` was written (`None` before the first).
+fn checkpoint_written(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "ckpt") {
+                let modified = entry.metadata().and_then(|m| m.modified()).ok();
+                newest = newest.max(modified);
+            }
+        }
+    }
+    newest
 }
