@@ -6,6 +6,7 @@
 //! when they cannot, and the window rebuilds its total from its panes.
 
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -235,7 +236,6 @@ whole_panes!(
     [] CountAcc,
     [] SumIntAcc,
     [] DistinctAcc,
-    [] SketchAcc,
     [const MAX: bool] ExtremeAcc<MAX>,
     [const LAST: bool] EdgeAcc<LAST>,
 );
@@ -779,41 +779,123 @@ impl Accumulator for DistinctAcc {
     }
 }
 
+/// A percentile's running sketch, with the last quantile read from it: a timer reading an
+/// unchanged sketch (a lifetime percentile, a window no pane left) then does not walk its
+/// buckets again. Panes keep plain sketches.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SketchAcc(Sketch);
+#[serde(transparent)]
+pub struct SketchAcc {
+    sketch: Sketch,
+    #[serde(skip)]
+    last_quantile: QuantileCache,
+}
+
+/// The bits of the last quantile read ([`QuantileCache::EMPTY`]: none read since the sketch
+/// last changed; [`QuantileCache::NONE`]: the sketch was empty). Atomic only so that a state
+/// read through `&self` can fill it and still be shared between threads.
+#[derive(Debug)]
+struct QuantileCache(AtomicU64);
+
+impl QuantileCache {
+    /// Two NaN bit patterns, which no quantile is.
+    const EMPTY: u64 = u64::MAX;
+    const NONE: u64 = u64::MAX - 1;
+
+    fn get(&self) -> Option<Option<f64>> {
+        match self.0.load(Ordering::Relaxed) {
+            Self::EMPTY => None,
+            Self::NONE => Some(None),
+            bits => Some(Some(f64::from_bits(bits))),
+        }
+    }
+
+    fn set(&self, quantile: Option<f64>) {
+        let bits = quantile.map_or(Self::NONE, f64::to_bits);
+        self.0.store(bits, Ordering::Relaxed);
+    }
+
+    fn clear(&mut self) {
+        *self.0.get_mut() = Self::EMPTY;
+    }
+}
+
+impl Default for QuantileCache {
+    fn default() -> Self {
+        QuantileCache(AtomicU64::new(Self::EMPTY))
+    }
+}
+
+impl Clone for QuantileCache {
+    fn clone(&self) -> Self {
+        QuantileCache(AtomicU64::new(self.0.load(Ordering::Relaxed)))
+    }
+}
+
+/// A cache never makes two sketches differ.
+impl PartialEq for QuantileCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl SketchAcc {
+    /// The sketch, about to change: the quantile read from it no longer holds.
+    fn sketch_mut(&mut self) -> &mut Sketch {
+        self.last_quantile.clear();
+        &mut self.sketch
+    }
+}
+
+impl Part for Sketch {
+    fn add(&mut self, input: &Input<'_, '_>) {
+        if let Some(x) = input.value.as_f64() {
+            Sketch::add(self, x);
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.count() == 0
+    }
+    fn heap_bytes(&self) -> usize {
+        Sketch::heap_bytes(self)
+    }
+}
 
 impl Accumulator for SketchAcc {
-    type Part = Self;
-    fn merge_part(&mut self, part: &Self) {
-        self.merge(part);
+    type Part = Sketch;
+    fn merge_part(&mut self, part: &Sketch) {
+        self.sketch_mut().merge(part);
     }
-    fn subtract_part(&mut self, part: &Self) -> bool {
-        self.subtract(part)
+    fn subtract_part(&mut self, part: &Sketch) -> bool {
+        self.sketch_mut().subtract(part)
     }
     fn add(&mut self, input: &Input<'_, '_>) {
         if let Some(x) = input.value.as_f64() {
-            self.0.add(x);
+            self.sketch_mut().add(x);
         }
     }
     fn merge(&mut self, other: &Self) {
-        self.0.merge(&other.0);
+        self.sketch_mut().merge(&other.sketch);
     }
     fn subtract(&mut self, other: &Self) -> bool {
-        self.0.subtract(&other.0)
+        self.sketch_mut().subtract(&other.sketch)
     }
     fn is_empty(&self) -> bool {
-        self.0.count() == 0
+        self.sketch.count() == 0
     }
     fn output(&self, agg: Agg, _: ValueType) -> FeatureValue {
         let q = if let Agg::Percentile(q) = agg { q } else { 0.5 };
-        self.0
-            .quantile(q)
-            .map_or(FeatureValue::Null, FeatureValue::float)
+        // One accumulator always serves the same feature, so the same `q`.
+        let quantile = self.last_quantile.get().unwrap_or_else(|| {
+            let quantile = self.sketch.quantile(q);
+            self.last_quantile.set(quantile);
+            quantile
+        });
+        quantile.map_or(FeatureValue::Null, FeatureValue::float)
     }
     fn heap_bytes(&self) -> usize {
-        self.0.heap_bytes()
+        self.sketch.heap_bytes()
     }
     fn prefetch(&self) {
-        self.0.prefetch();
+        self.sketch.prefetch();
     }
 }

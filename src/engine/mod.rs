@@ -25,7 +25,7 @@ use std::sync::Arc;
 pub use agg::FeatureValue;
 use agg::Input;
 use column::min_opt;
-use state::{Clock, Closed, EntityState, PartitionState, expiry_due, hash_values};
+use state::{Clock, Closed, EntityMut, EntityState, PartitionState, expiry_due, hash_values};
 pub use state::{SnapshotCapture, SnapshotError};
 
 use crate::config::{Emit, Pipeline};
@@ -263,7 +263,12 @@ impl Engine {
             None => part.entities.insert(EntityState::new(&event.entity, time)),
         };
         part.entities.prefetch_heap(slot);
-        let Some((entity, columns)) = part.entities.entity_mut(slot) else {
+        let Some(EntityMut {
+            header: entity,
+            columns,
+            dues,
+        }) = part.entities.entity_mut(slot)
+        else {
             return Outcome::Aggregated;
         };
         let as_of = entity.newest.max(time);
@@ -273,7 +278,7 @@ impl Engine {
         // changes it.
         self.values.clear();
         let mut changes = None;
-        for (column, feature) in columns.iter_mut().zip(features) {
+        for ((column, feature), feature_due) in columns.iter_mut().zip(features).zip(dues) {
             let passes = feature
                 .filter
                 .as_ref()
@@ -294,6 +299,7 @@ impl Engine {
                 &clock,
                 values,
             );
+            *feature_due = change.unwrap_or(state::NEVER);
             changes = min_opt(changes, change);
         }
         if !clock.close_windows {
@@ -417,14 +423,19 @@ impl Engine {
             due_now.sort_unstable();
             for (i, &(_, slot)) in due_now.iter().enumerate() {
                 // A short software pipeline over the entities due: header and feature states
-                // two ahead, what those keep on the heap for the next one.
+                // two ahead, what the next one's due features keep on the heap.
                 if let Some(&(_, ahead)) = due_now.get(i + 2) {
                     part.entities.prefetch_state(ahead);
                 }
                 if let Some(&(_, next)) = due_now.get(i + 1) {
-                    part.entities.prefetch_heap(next);
+                    part.entities.prefetch_due_heap(next, w);
                 }
-                let Some((entity, columns)) = part.entities.entity_mut(slot) else {
+                let Some(EntityMut {
+                    header: entity,
+                    columns,
+                    dues,
+                }) = part.entities.entity_mut(slot)
+                else {
                     continue;
                 };
                 let expired = pipeline
@@ -436,7 +447,18 @@ impl Engine {
                 }
                 self.values.clear();
                 let mut changes = None;
-                for (index, (column, feature)) in columns.iter_mut().zip(features).enumerate() {
+                let features_due = columns.iter_mut().zip(features).zip(dues.iter_mut());
+                for (index, ((column, feature), feature_due)) in features_due.enumerate() {
+                    if *feature_due > w {
+                        // Time has not changed this feature: its value is read, its state
+                        // left as it is (nothing in it is due to leave, close or expire).
+                        if !clock.close_windows {
+                            self.values.push(column.value(slot as usize, feature, w));
+                        }
+                        changes =
+                            min_opt(changes, Some(*feature_due).filter(|&d| d != state::NEVER));
+                        continue;
+                    }
                     self.closed.clear();
                     let values = (!clock.close_windows).then_some(&mut self.values);
                     let change = column.update_time(
@@ -447,6 +469,7 @@ impl Engine {
                         &mut self.closed,
                         values,
                     );
+                    *feature_due = change.unwrap_or(state::NEVER);
                     changes = min_opt(changes, change);
                     for (start, end, value) in &self.closed {
                         sink.window_closed(&entity.id, index, *start, *end, value);
@@ -592,7 +615,7 @@ impl Engine {
         for slot in slots {
             let due =
                 part.entities
-                    .next_change(slot, features, &clock, self.pipeline.entity_ttl_ms);
+                    .refresh_dues(slot, features, &clock, self.pipeline.entity_ttl_ms);
             part.schedule(slot, due);
         }
         self.partitions.insert(partition, part);

@@ -97,11 +97,23 @@ pub fn hash_values(values: &[FeatureValue]) -> u64 {
 pub struct EntityStore {
     slots: Vec<Option<EntityState>>,
     columns: Vec<Box<dyn Column>>,
+    /// For each slot, when time alone next changes each feature ([`NEVER`]: never), features
+    /// in pipeline order: a timer then updates only the features it is due for. Derived from
+    /// the feature states (rebuilt on restore), not stored.
+    feature_due: Vec<i64>,
     free: Vec<u32>,
     index: SlotIndex,
     live: usize,
     /// A snapshot being taken a slice at a time (see [`SnapshotCapture`]).
     capture: Option<Box<SnapshotCapture>>,
+}
+
+/// An entity being updated: its header, the feature columns (its states are at its slot) and
+/// when time alone next changes each of its features.
+pub struct EntityMut<'s> {
+    pub header: &'s mut EntityState,
+    pub columns: &'s mut [Box<dyn Column>],
+    pub dues: &'s mut [i64],
 }
 
 /// The fewest slots the store grows by at a time.
@@ -125,6 +137,7 @@ impl EntityStore {
                 .iter()
                 .map(|f| column_for(f, close_windows))
                 .collect(),
+            feature_due: Vec::new(),
             free: Vec::new(),
             index: SlotIndex::default(),
             live: 0,
@@ -170,6 +183,7 @@ impl EntityStore {
             Some(i) => {
                 self.capture_before_change(i);
                 self.slots[i as usize] = Some(state);
+                self.feature_dues_mut(i).fill(NEVER);
                 i
             }
             None => {
@@ -180,6 +194,9 @@ impl EntityStore {
                 for column in &mut self.columns {
                     column.push_empty();
                 }
+                let features = self.columns.len();
+                self.feature_due
+                    .extend(std::iter::repeat_n(NEVER, features));
                 (self.slots.len() - 1) as u32
             }
         };
@@ -203,6 +220,23 @@ impl EntityStore {
         for column in &mut self.columns {
             column.reserve_exact(additional);
         }
+        self.feature_due
+            .reserve_exact(additional * self.columns.len());
+    }
+
+    /// When time alone next changes each feature of the entity at `slot`.
+    pub fn feature_dues(&self, slot: u32) -> &[i64] {
+        let n = self.columns.len();
+        self.feature_due
+            .get(slot as usize * n..(slot as usize + 1) * n)
+            .unwrap_or_default()
+    }
+
+    fn feature_dues_mut(&mut self, slot: u32) -> &mut [i64] {
+        let n = self.columns.len();
+        self.feature_due
+            .get_mut(slot as usize * n..(slot as usize + 1) * n)
+            .unwrap_or_default()
     }
 
     pub fn remove(&mut self, slot: u32) -> Option<EntityState> {
@@ -212,6 +246,7 @@ impl EntityStore {
         for column in &mut self.columns {
             column.reset(slot as usize);
         }
+        self.feature_dues_mut(slot).fill(NEVER);
         self.free.push(slot);
         self.live -= 1;
         Some(state)
@@ -226,11 +261,20 @@ impl EntityStore {
         self.slots.get_mut(slot as usize)?.as_mut()
     }
 
-    /// An entity's header and the feature columns, to update its features at `slot`.
-    pub fn entity_mut(&mut self, slot: u32) -> Option<(&mut EntityState, &mut [Box<dyn Column>])> {
+    /// An entity's header, the feature columns and its features' due times, to update its
+    /// features at `slot`.
+    pub fn entity_mut(&mut self, slot: u32) -> Option<EntityMut<'_>> {
         self.capture_before_change(slot);
         let header = self.slots.get_mut(slot as usize)?.as_mut()?;
-        Some((header, &mut self.columns))
+        let n = self.columns.len();
+        let dues = self
+            .feature_due
+            .get_mut(slot as usize * n..(slot as usize + 1) * n)?;
+        Some(EntityMut {
+            header,
+            columns: &mut self.columns,
+            dues,
+        })
     }
 
     pub fn columns(&self) -> &[Box<dyn Column>] {
@@ -245,6 +289,11 @@ impl EntityStore {
         for column in &self.columns {
             column.prefetch_state(slot as usize);
         }
+        let dues = self.feature_dues(slot);
+        if let (Some(first), Some(last)) = (dues.first(), dues.last()) {
+            super::prefetch::prefetch(first);
+            super::prefetch::prefetch(last);
+        }
     }
 
     /// Starts loading what a slot's feature states keep on the heap, so that the cache misses
@@ -252,6 +301,16 @@ impl EntityStore {
     pub fn prefetch_heap(&self, slot: u32) {
         for column in &self.columns {
             column.prefetch_heap(slot as usize);
+        }
+    }
+
+    /// Starts loading what the slot's features due at `watermark` keep on the heap: a timer
+    /// updates only those, and reads the others' values from their states alone.
+    pub fn prefetch_due_heap(&self, slot: u32, watermark: i64) {
+        for (column, &due) in self.columns.iter().zip(self.feature_dues(slot)) {
+            if due <= watermark {
+                column.prefetch_heap(slot as usize);
+            }
         }
     }
 
@@ -272,18 +331,25 @@ impl EntityStore {
         );
     }
 
-    /// Next watermark at which time alone changes the entity at `slot`, TTL expiry included.
-    pub fn next_change(
-        &self,
+    /// Works out when time alone next changes each feature of the entity at `slot` (after a
+    /// restore) and returns when it next changes the entity, TTL expiry included.
+    pub fn refresh_dues(
+        &mut self,
         slot: u32,
         features: &[Feature],
         clock: &Clock,
         ttl: Option<i64>,
     ) -> Option<i64> {
-        let entity = self.get(slot)?;
+        let entity = self.slots.get(slot as usize)?.as_ref()?;
         let mut due = expiry_due(entity, ttl);
-        for (column, feature) in self.columns.iter().zip(features) {
-            due = min_opt(due, column.next_change(slot as usize, feature, clock));
+        let n = self.columns.len();
+        let dues = self
+            .feature_due
+            .get_mut(slot as usize * n..(slot as usize + 1) * n)?;
+        for ((column, feature), feature_due) in self.columns.iter().zip(features).zip(dues) {
+            let change = column.next_change(slot as usize, feature, clock);
+            *feature_due = change.unwrap_or(NEVER);
+            due = min_opt(due, change);
         }
         due
     }
@@ -320,6 +386,7 @@ impl EntityStore {
     pub fn bytes(&self) -> usize {
         let slot_count = self.slots.len();
         self.slots.capacity() * std::mem::size_of::<Option<EntityState>>()
+            + self.feature_due.capacity() * std::mem::size_of::<i64>()
             + self.free.capacity() * std::mem::size_of::<u32>()
             + self.index.heap_bytes()
             + self.iter().map(|(_, e)| e.id_heap_bytes()).sum::<usize>()
@@ -733,6 +800,7 @@ impl PartitionState {
         for column in &mut store.columns {
             column.reserve_exact(total);
         }
+        store.feature_due = vec![NEVER; total * store.columns.len()];
         for chunk in decoded {
             store.slots.extend(chunk.slots);
             for (column, part) in store.columns.iter_mut().zip(chunk.columns) {
