@@ -504,6 +504,12 @@ impl JsonDecoder {
         match bytes.get(parser.at) {
             Some(b'{') => {}
             None => return Err(Rejection::new(RejectReason::Malformed, "event is empty")),
+            Some(_) if bytes.starts_with("\u{feff}".as_bytes()) => {
+                return Err(Rejection::new(
+                    RejectReason::Malformed,
+                    "event starts with a UTF-8 byte-order mark, which JSON does not allow",
+                ));
+            }
             Some(_) => {
                 return Err(Rejection::new(
                     RejectReason::Malformed,

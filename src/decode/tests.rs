@@ -56,6 +56,26 @@ fn valid_events_decode_with_their_types() {
 }
 
 #[test]
+fn a_byte_order_mark_is_named_in_the_rejection() {
+    let decoder = JsonDecoder::new(&source(""));
+    let rejection = decoder
+        .decode("\u{feff}{\"id\":\"a\",\"n\":1,\"ts\":1}".as_bytes())
+        .expect_err("JSON does not allow a byte-order mark");
+    assert_eq!(rejection.reason, RejectReason::Malformed);
+    assert!(
+        rejection.message.contains("byte-order mark"),
+        "{}",
+        rejection.message
+    );
+    let other = decoder.decode(b"[1]").expect_err("not an object");
+    assert!(
+        other.message.contains("not a JSON object"),
+        "{}",
+        other.message
+    );
+}
+
+#[test]
 fn each_kind_of_bad_input_has_its_reason() {
     assert_eq!(reason(b"not json"), RejectReason::Malformed);
     assert_eq!(
