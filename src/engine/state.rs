@@ -224,19 +224,22 @@ impl EntityStore {
             .reserve_exact(additional * self.columns.len());
     }
 
+    /// Where the due times of the features of the entity at `slot` are in `feature_due`.
+    fn dues_range(&self, slot: u32) -> std::ops::Range<usize> {
+        let n = self.columns.len();
+        slot as usize * n..(slot as usize + 1) * n
+    }
+
     /// When time alone next changes each feature of the entity at `slot`.
     pub fn feature_dues(&self, slot: u32) -> &[i64] {
-        let n = self.columns.len();
         self.feature_due
-            .get(slot as usize * n..(slot as usize + 1) * n)
+            .get(self.dues_range(slot))
             .unwrap_or_default()
     }
 
     fn feature_dues_mut(&mut self, slot: u32) -> &mut [i64] {
-        let n = self.columns.len();
-        self.feature_due
-            .get_mut(slot as usize * n..(slot as usize + 1) * n)
-            .unwrap_or_default()
+        let range = self.dues_range(slot);
+        self.feature_due.get_mut(range).unwrap_or_default()
     }
 
     pub fn remove(&mut self, slot: u32) -> Option<EntityState> {
@@ -265,11 +268,9 @@ impl EntityStore {
     /// features at `slot`.
     pub fn entity_mut(&mut self, slot: u32) -> Option<EntityMut<'_>> {
         self.capture_before_change(slot);
+        let range = self.dues_range(slot);
         let header = self.slots.get_mut(slot as usize)?.as_mut()?;
-        let n = self.columns.len();
-        let dues = self
-            .feature_due
-            .get_mut(slot as usize * n..(slot as usize + 1) * n)?;
+        let dues = self.feature_due.get_mut(range)?;
         Some(EntityMut {
             header,
             columns: &mut self.columns,
@@ -342,10 +343,8 @@ impl EntityStore {
     ) -> Option<i64> {
         let entity = self.slots.get(slot as usize)?.as_ref()?;
         let mut due = expiry_due(entity, ttl);
-        let n = self.columns.len();
-        let dues = self
-            .feature_due
-            .get_mut(slot as usize * n..(slot as usize + 1) * n)?;
+        let range = self.dues_range(slot);
+        let dues = self.feature_due.get_mut(range)?;
         for ((column, feature), feature_due) in self.columns.iter().zip(features).zip(dues) {
             let change = column.next_change(slot as usize, feature, clock);
             *feature_due = change.unwrap_or(NEVER);
