@@ -235,7 +235,7 @@ impl Engine {
         now_ms: i64,
         sink: &mut dyn RecordSink,
     ) -> Outcome {
-        self.last_activity.insert(partition, now_ms);
+        self.note_activity(partition, now_ms);
         let time = event.time_ms;
         if time
             < self
@@ -318,6 +318,24 @@ impl Engine {
             self.fire_timers(sink);
         }
         Outcome::Aggregated
+    }
+
+    /// Records that `partition` has an event at processing time `now_ms`. When every partition
+    /// had gone idle, the stream is resuming: every partition counts as active again from now
+    /// (it must show its events, or stay quiet for `idle_timeout`, before the watermark leaves
+    /// it behind). Otherwise the first partition read after a pause would carry the watermark
+    /// past the events of the others, fetched with it or on their way, and make them late.
+    fn note_activity(&mut self, partition: u32, now_ms: i64) {
+        let idle_timeout = self.pipeline.source.idle_timeout_ms;
+        let is_idle = |last: &i64| now_ms.saturating_sub(*last) > idle_timeout;
+        let resuming = self.last_activity.get(&partition).is_none_or(is_idle)
+            && self.last_activity.values().all(is_idle);
+        if resuming {
+            for last in self.last_activity.values_mut() {
+                *last = now_ms;
+            }
+        }
+        self.last_activity.insert(partition, now_ms);
     }
 
     /// A hint with no effect on results: starts loading what processing the next events will

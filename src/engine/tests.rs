@@ -765,6 +765,72 @@ features:
     assert_eq!(engine.watermark(), Some(60_000));
 }
 
+/// After every partition went idle, the first partition read when events come back does not
+/// carry the watermark past the others: a burst of in-order events over several partitions,
+/// read one partition after the other, has no late event.
+#[test]
+fn a_stream_resuming_after_a_pause_is_not_made_late_by_its_first_partition() {
+    let text = r#"
+name: resume
+source:
+  kafka: { brokers: "127.0.0.1:9092", topic: t, group_id: g }
+  schema: { card: string, merchant: string, amount: float?, status: string, ts: timestamp }
+  entity: card
+  event_time: ts
+  watermark: { max_out_of_order: 10s, idle_timeout: 5s }
+  allowed_lateness: 20s
+features:
+  - { name: n, agg: count, window: { sliding: 10m } }
+"#;
+    let p = pipeline(text);
+    let mut engine = Engine::new(Arc::clone(&p));
+    let partitions = [0u32, 1, 2];
+    for partition in partitions {
+        engine.assign(partition, 0);
+    }
+    // Thirty cards, as thirty drivers or customers would be.
+    let ev = |i: u32, time: i64| Ev {
+        card: (i % 30) as u8,
+        merchant: 0,
+        amount: None,
+        declined: false,
+        time,
+    };
+    let second = 1_000;
+    let mut records = Vec::new();
+    // Thirty events, one a second, spread over the partitions, read as they come.
+    for i in 0..30u32 {
+        let outcome = engine.process(
+            i % 3,
+            &ev(i, i64::from(i) * second).decoded(),
+            i64::from(i) * 10,
+            &mut records,
+        );
+        assert!(matches!(outcome, Outcome::Aggregated));
+    }
+    // Ten seconds of quiet: every partition idle, the watermark at the newest of them.
+    engine.tick(10_300, &mut records);
+    assert_eq!(engine.watermark(), Some(29 * second - 10 * second));
+    // Six hundred more, one a second, fetched together and read one partition after another.
+    let mut late = 0;
+    for partition in partitions {
+        for i in (30..630u32).filter(|i| i % 3 == partition) {
+            let event = ev(i, i64::from(i) * second).decoded();
+            if let Outcome::Late { .. } = engine.process(partition, &event, 10_400, &mut records) {
+                late += 1;
+            }
+        }
+    }
+    assert_eq!(late, 0, "in-order events are never late");
+    assert_eq!(engine.watermark(), Some(627 * second - 10 * second));
+    // After another pause, one partition resumes alone: the others count as active until they
+    // have been quiet for `idle_timeout` again, then the watermark leaves them behind.
+    engine.process(0, &ev(0, 700 * second).decoded(), 16_000, &mut records);
+    assert_eq!(engine.watermark(), Some(628 * second - 10 * second));
+    engine.tick(21_001, &mut records);
+    assert_eq!(engine.watermark(), Some(690 * second));
+}
+
 /// Many entities: the snapshot is encoded and decoded in several chunks on parallel threads,
 /// and what comes back is the same state (same look-ups, and the same bytes again); a damaged
 /// snapshot is an error.
