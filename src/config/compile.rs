@@ -141,6 +141,26 @@ fn join(path: &str, key: &str) -> String {
 #[derive(Default)]
 struct Compiler {
     errors: Vec<ConfigError>,
+    /// Schema fields declared with a type that is not one: reported once where they are
+    /// declared, and not again wherever they are used.
+    broken_fields: Vec<String>,
+}
+
+/// The sinks section, each sink `None` when it is in error and `Some(None)` when absent.
+struct SinkParts {
+    kafka: Option<Option<KafkaSink>>,
+    parquet: Option<Option<ParquetSink>>,
+}
+
+/// What the checks across sections need to know of the source, each part known on its own, so
+/// that an error elsewhere in the source does not hide them.
+#[derive(Default)]
+struct SourceFacts {
+    format: Option<Format>,
+    schema_registry: bool,
+    avro_schema: bool,
+    /// `on_late` as written, if it was.
+    on_late: Option<OnLate>,
 }
 
 impl Compiler {
@@ -295,28 +315,42 @@ impl Compiler {
                 "use only letters, digits, `_` and `-` (it names folders and metrics)",
             );
         }
-        let (source, schema) = match self.required(&top, "source", "") {
+        let (source, schema, facts) = match self.required(&top, "source", "") {
             Some(n) => self.source(n),
-            None => (None, None),
+            None => (None, None, SourceFacts::default()),
         };
         let dead_letter_topic = top.get("dead_letter").and_then(|n| {
             let entries = self.mapping(n, "dead_letter", &["topic"])?;
             let topic = self.required(&entries, "topic", "dead_letter")?;
             self.string(topic, "dead_letter.topic")
         });
+        let sinks = match top.get("sinks") {
+            None => SinkParts {
+                kafka: Some(None),
+                parquet: Some(None),
+            },
+            Some(n) => self.sinks(n),
+        };
         // Without a usable schema, features are still checked for all that does not depend on
-        // it, so that one run reports every problem.
+        // it, and without a usable Kafka sink for all that does not depend on the emit mode, so
+        // that one run reports every problem.
+        let emit = sinks
+            .kafka
+            .as_ref()
+            .map(|k| k.as_ref().map_or(Emit::OnUpdate, |k| k.emit));
         let features = self
             .required(&top, "features", "")
-            .and_then(|node| self.features(node, schema.as_ref()));
-        let sinks = top
-            .get("sinks")
-            .map_or(Some(Sinks::default()), |n| self.sinks(n));
+            .and_then(|node| self.features(node, schema.as_ref(), emit));
         let state = match top.get("state") {
             None => Some(StateSection::default()),
             Some(node) => self.state(node),
         };
-        let (name, source, features, sinks, state) = (name?, source?, features?, sinks?, state?);
+        self.cross_checks(&top, &facts, dead_letter_topic.is_some(), &sinks);
+        let sinks = Sinks {
+            kafka: sinks.kafka?,
+            parquet: sinks.parquet?,
+        };
+        let (name, source, features, state) = (name?, source?, features?, state?);
         let pipeline = Pipeline {
             name,
             source,
@@ -327,13 +361,12 @@ impl Compiler {
             state_dir: state.dir,
             checkpoint_every_ms: state.checkpoint_every_ms,
         };
-        self.cross_checks(&top, &pipeline);
         Some(pipeline)
     }
 
     /// The source, and its schema on its own so that features can be checked against it even
     /// when another part of the source is wrong.
-    fn source(&mut self, node: &Node) -> (Option<Source>, Option<Schema>) {
+    fn source(&mut self, node: &Node) -> (Option<Source>, Option<Schema>, SourceFacts) {
         let path = "source";
         let Some(entries) = self.mapping(
             node,
@@ -352,7 +385,7 @@ impl Compiler {
                 "max_event_bytes",
             ],
         ) else {
-            return (None, None);
+            return (None, None, SourceFacts::default());
         };
         let kafka = self
             .required(&entries, "kafka", path)
@@ -468,6 +501,12 @@ impl Compiler {
                 }
             },
         };
+        let facts = SourceFacts {
+            format,
+            schema_registry: schema_registry.is_some(),
+            avro_schema: avro_schema.is_some(),
+            on_late: on_late.flatten(),
+        };
         let source = (|| {
             Some(Source {
                 kafka: kafka?,
@@ -486,7 +525,7 @@ impl Compiler {
                 max_event_bytes: max_event_bytes?,
             })
         })();
-        (source, schema_copy)
+        (source, schema_copy, facts)
     }
 
     fn format(&mut self, node: &Node, path: &str, options: &[&str]) -> Option<Format> {
@@ -509,6 +548,7 @@ impl Compiler {
         let schema = schema?;
         match schema.index_of(&name) {
             Some(i) => Some(i),
+            None if self.broken_fields.contains(&name) => None,
             None => {
                 let names: Vec<&str> = schema.fields.iter().map(|f| f.name.as_str()).collect();
                 let hint = suggestion(&name, &names);
@@ -612,23 +652,23 @@ impl Compiler {
             );
             return None;
         }
+        // A field in error is left out and the rest stays usable, so that what refers to the
+        // others is checked in the same run; what refers to it is not reported again.
         let mut fields: Vec<FieldDef> = Vec::new();
-        let mut ok = true;
         let types = ["string", "int", "float", "bool", "timestamp"];
         for (key, value) in pairs {
             let Some(name) = key.as_scalar() else {
                 self.error(key.pos, path, "field names must be plain names");
-                ok = false;
                 continue;
             };
             let field_path = join(path, name);
-            if fields.iter().any(|f| f.name == name) {
+            if fields.iter().any(|f| f.name == name) || self.broken_fields.iter().any(|f| f == name)
+            {
                 self.error(
                     key.pos,
                     &field_path,
                     format!("field `{name}` is declared twice"),
                 );
-                ok = false;
                 continue;
             }
             let Some(text) = value.as_scalar().filter(|_| !value.is_null()) else {
@@ -640,7 +680,7 @@ impl Compiler {
                         types.join(", ")
                     ),
                 );
-                ok = false;
+                self.broken_fields.push(name.to_string());
                 continue;
             };
             let (type_name, required) = match text.strip_suffix('?') {
@@ -663,7 +703,7 @@ impl Compiler {
                             types.join(", ")
                         ),
                     );
-                    ok = false;
+                    self.broken_fields.push(name.to_string());
                     continue;
                 }
             };
@@ -673,10 +713,16 @@ impl Compiler {
                 required,
             });
         }
-        ok.then_some(Schema { fields })
+        Some(Schema { fields })
     }
 
-    fn features(&mut self, node: &Node, schema: Option<&Schema>) -> Option<Vec<Feature>> {
+    /// The features; `emit` is the sinks' emit mode when the sinks are valid.
+    fn features(
+        &mut self,
+        node: &Node,
+        schema: Option<&Schema>,
+        emit: Option<Emit>,
+    ) -> Option<Vec<Feature>> {
         let NodeKind::Seq(items) = &node.kind else {
             self.error(
                 node.pos,
@@ -713,7 +759,7 @@ impl Compiler {
                 }
                 seen.push((name, item.pos));
             }
-            match self.feature(item, &path, schema) {
+            match self.feature(item, &path, schema, emit) {
                 Some(feature) => features.push(feature),
                 None => ok = false,
             }
@@ -722,8 +768,15 @@ impl Compiler {
     }
 
     /// One feature; with no `schema` (the source has errors of its own) only what does not
-    /// depend on the fields is checked, and no feature results.
-    fn feature(&mut self, node: &Node, path: &str, schema: Option<&Schema>) -> Option<Feature> {
+    /// depend on the fields is checked, and no feature results. Its window is checked against
+    /// `emit` when that is known.
+    fn feature(
+        &mut self,
+        node: &Node,
+        path: &str,
+        schema: Option<&Schema>,
+        emit: Option<Emit>,
+    ) -> Option<Feature> {
         let entries = self.mapping(
             node,
             path,
@@ -762,6 +815,11 @@ impl Compiler {
         let window = self
             .required(&entries, "window", path)
             .and_then(|n| self.window(n, &join(path, "window")));
+        if emit == Some(Emit::OnWindowClose)
+            && let Some(problem) = window.as_ref().and_then(window_close_problem)
+        {
+            self.error(node.pos, &join(path, "window"), problem);
+        }
         let Some(schema) = schema else {
             if let Some(n) = entries.get("field") {
                 self.string(n, &join(path, "field"));
@@ -778,6 +836,7 @@ impl Compiler {
                 self.string(n, &field_path)
                     .and_then(|fname| match schema.index_of(&fname) {
                         Some(i) => Some(Some(i)),
+                        None if self.broken_fields.contains(&fname) => None,
                         None => {
                             let names: Vec<&str> =
                                 schema.fields.iter().map(|f| f.name.as_str()).collect();
@@ -798,6 +857,8 @@ impl Compiler {
                 let text = self.string(n, &join(path, "where"))?;
                 match Expr::parse(&text, schema) {
                     Ok(expr) => Some(Some(expr)),
+                    // A field whose declaration is in error: reported there already.
+                    Err(e) if names_any(&e.message, &self.broken_fields) => None,
                     Err(e) => {
                         let quoted = matches!(&n.kind, NodeKind::Scalar { quoted: true, .. });
                         let pos = Pos {
@@ -1059,20 +1120,25 @@ impl Compiler {
         })
     }
 
-    fn sinks(&mut self, node: &Node) -> Option<Sinks> {
-        let entries = self.mapping(node, "sinks", &["kafka", "parquet"])?;
-        let kafka = match entries.get("kafka") {
-            None => Some(None),
-            Some(n) => self.kafka_sink(n).map(Some),
+    /// Each sink on its own (`None`: in error), so that one in error does not hide the checks
+    /// that involve the other.
+    fn sinks(&mut self, node: &Node) -> SinkParts {
+        let Some(entries) = self.mapping(node, "sinks", &["kafka", "parquet"]) else {
+            return SinkParts {
+                kafka: None,
+                parquet: None,
+            };
         };
-        let parquet = match entries.get("parquet") {
-            None => Some(None),
-            Some(n) => self.parquet_sink(n).map(Some),
-        };
-        Some(Sinks {
-            kafka: kafka?,
-            parquet: parquet?,
-        })
+        SinkParts {
+            kafka: match entries.get("kafka") {
+                None => Some(None),
+                Some(n) => self.kafka_sink(n).map(Some),
+            },
+            parquet: match entries.get("parquet") {
+                None => Some(None),
+                Some(n) => self.parquet_sink(n).map(Some),
+            },
+        }
     }
 
     fn kafka_sink(&mut self, node: &Node) -> Option<KafkaSink> {
@@ -1151,7 +1217,14 @@ impl Compiler {
     }
 
     /// Rules that involve more than one section of the file.
-    fn cross_checks(&mut self, top: &Entries<'_>, pipeline: &Pipeline) {
+    /// Checks that span sections, on whatever parts of them are valid.
+    fn cross_checks(
+        &mut self,
+        top: &Entries<'_>,
+        source: &SourceFacts,
+        dead_letter: bool,
+        sinks: &SinkParts,
+    ) {
         let source_node = top.get("source");
         let source_entries = source_node.and_then(|n| match &n.kind {
             NodeKind::Map(pairs) => Some(pairs),
@@ -1164,71 +1237,88 @@ impl Compiler {
                     k.pos
                 })
         };
-        let source = &pipeline.source;
-        if source.format == Format::AvroConfluent && source.schema_registry.is_none() {
+        if source.format == Some(Format::AvroConfluent) && !source.schema_registry {
             self.error(
                 pos_of("format"),
                 "source.schema_registry",
                 "`format: avro_confluent` needs `schema_registry`",
             );
         }
-        if source.format == Format::Avro && source.avro_schema.is_none() {
+        if source.format == Some(Format::Avro) && !source.avro_schema {
             self.error(
                 pos_of("format"),
                 "source.avro_schema",
                 "`format: avro` needs the writer schema in `avro_schema`",
             );
         }
-        if let Some(kafka) = &pipeline.sinks.kafka
-            && kafka.format == Format::Avro
-            && source.schema_registry.is_none()
-        {
+        let kafka_sink = sinks.kafka.as_ref().and_then(Option::as_ref);
+        if kafka_sink.is_some_and(|k| k.format == Format::Avro) && !source.schema_registry {
             self.error(pos_of("format"), "source.schema_registry", "`sinks.kafka.format: avro` registers its schema in `source.schema_registry`; set it");
         }
-        let on_late_given = source_entries.is_some_and(|p| {
-            p.iter()
-                .any(|(k, v)| k.as_scalar() == Some("on_late") && !v.is_null())
-        });
-        if on_late_given && source.on_late == OnLate::Dlq && pipeline.dead_letter_topic.is_none() {
+        if source.on_late == Some(OnLate::Dlq) && !dead_letter {
             self.error(
                 pos_of("on_late"),
                 "source.on_late",
                 "`on_late: dlq` needs `dead_letter: { topic: ... }`",
             );
         }
-        if pipeline.emit() == Emit::OnWindowClose {
-            let features_node = top.get("features");
-            for (i, feature) in pipeline.features.iter().enumerate() {
-                let pos = match features_node.map(|n| &n.kind) {
-                    Some(NodeKind::Seq(items)) => items.get(i).map_or(Pos::default(), |n| n.pos),
-                    _ => Pos::default(),
-                };
-                let problem = match feature.window {
-                    Window::Hopping {
-                        step_ms: 1,
-                        written: WindowWritten::Sliding,
-                        ..
-                    } => Some(
-                        "a sliding window with a 1 ms step (exact, the default) closes every millisecond; give it a coarser `step` to use `emit: on_window_close`"
-                            .to_string(),
-                    ),
-                    Window::Lifetime => Some(
-                        "a lifetime window never closes, so `emit: on_window_close` would never emit it"
-                            .to_string(),
-                    ),
-                    Window::Hopping {
-                        size_ms, step_ms, ..
-                    } if size_ms / step_ms > MAX_WINDOWS_PER_EVENT => Some(format!(
-                        "each event falls in {} windows of this feature and `emit: on_window_close` writes a record for every one; use a step of at least {} or `emit: on_update`",
-                        size_ms / step_ms,
-                        format_duration_ms(coarser_step(size_ms))
-                    )),
-                    _ => None,
-                };
-                if let Some(message) = problem {
-                    self.error(pos, &format!("features[{i}].window"), message);
-                }
-            }
+        // Read as written, so that another error in the Parquet sink does not hide it.
+        let feature_log = sink_entry(top, "parquet", "feature_log")
+            .filter(|(_, value)| value.as_scalar() == Some("true"));
+        if let Some((key, _)) = feature_log
+            && kafka_sink.is_some_and(|k| k.emit == Emit::OnWindowClose)
+        {
+            self.error(
+                key.pos,
+                "sinks.parquet.feature_log",
+                "the feature log holds every update of `emit: on_update`; with `emit: on_window_close` there are none (closed windows go to the output topic): remove it or emit on_update",
+            );
         }
     }
+}
+
+/// Why a window cannot be used with `emit: on_window_close`, if it cannot.
+fn window_close_problem(window: &Window) -> Option<String> {
+    match *window {
+        Window::Hopping {
+            step_ms: 1,
+            written: WindowWritten::Sliding,
+            ..
+        } => Some(
+            "a sliding window with a 1 ms step (exact, the default) closes every millisecond; give it a coarser `step` to use `emit: on_window_close`"
+                .to_string(),
+        ),
+        Window::Lifetime => Some(
+            "a lifetime window never closes, so `emit: on_window_close` would never emit it"
+                .to_string(),
+        ),
+        Window::Hopping {
+            size_ms, step_ms, ..
+        } if size_ms / step_ms > MAX_WINDOWS_PER_EVENT => Some(format!(
+            "each event falls in {} windows of this feature and `emit: on_window_close` writes a record for every one; use a step of at least {} or `emit: on_update`",
+            size_ms / step_ms,
+            format_duration_ms(coarser_step(size_ms))
+        )),
+        _ => None,
+    }
+}
+
+/// The key and value of `sinks.<sink>.<key>` as written, if present.
+fn sink_entry<'n>(top: &Entries<'n>, sink: &str, key: &str) -> Option<(&'n Node, &'n Node)> {
+    fn entry<'n>(node: &'n Node, key: &str) -> Option<(&'n Node, &'n Node)> {
+        match &node.kind {
+            NodeKind::Map(pairs) => pairs
+                .iter()
+                .find(|(k, _)| k.as_scalar() == Some(key))
+                .map(|(k, v)| (k, v)),
+            _ => None,
+        }
+    }
+    let (_, sink) = entry(top.get("sinks")?, sink)?;
+    entry(sink, key)
+}
+
+/// Whether a message names (in backquotes) any of `names`.
+fn names_any(message: &str, names: &[String]) -> bool {
+    names.iter().any(|n| message.contains(&format!("`{n}`")))
 }
