@@ -231,6 +231,13 @@ pub fn replay(
     progress: bool,
 ) -> anyhow::Result<ReplaySummary> {
     let started = Instant::now();
+    if let Some(clash) = output_replacing(input, output, &pipeline.name) {
+        anyhow::bail!(
+            "the input {} is one of the files this replay writes ({}): it would be replaced before it is read; copy it elsewhere or choose another --output",
+            input.display(),
+            clash.display()
+        );
+    }
     let is_parquet = input
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
@@ -500,6 +507,33 @@ pub fn replay(
     )
     .with_context(|| format!("cannot write {}", summary_path.display()))?;
     Ok(summary)
+}
+
+/// The output that `input` is, if it is one this replay would replace: `features.jsonl`,
+/// `rejected.jsonl` or `summary.json` in `output`, or a Parquet file under the pipeline's
+/// folders in `output/parquet/` (earlier outputs there are removed). Compared by file identity,
+/// so another path to the same file (a link, `..`) is found too.
+fn output_replacing(input: &Path, output: &Path, pipeline: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let input_meta = fs::metadata(input).ok()?;
+    let same_file = |candidate: &Path| {
+        fs::metadata(candidate)
+            .is_ok_and(|m| m.dev() == input_meta.dev() && m.ino() == input_meta.ino())
+    };
+    let replaced_files = ["features.jsonl", "rejected.jsonl", "summary.json"];
+    if let Some(clash) = replaced_files
+        .iter()
+        .map(|name| output.join(name))
+        .find(|path| same_file(path))
+    {
+        return Some(clash);
+    }
+    let input = fs::canonicalize(input).ok()?;
+    let parquet = fs::canonicalize(output.join("parquet")).ok()?;
+    [pipeline.to_string(), format!("{pipeline}-updates")]
+        .iter()
+        .map(|folder| parquet.join(folder))
+        .find(|folder| input.starts_with(folder))
 }
 
 /// Removes what an earlier replay into the same folder wrote for this pipeline (files named

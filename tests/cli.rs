@@ -178,6 +178,41 @@ fn replay_reports_a_missing_input_clearly() {
     );
 }
 
+/// An input that is one of the files replay writes (re-running over an earlier run's dead
+/// letters, say) is refused before anything is touched, whatever path names it.
+#[test]
+fn replay_refuses_an_input_it_would_overwrite() {
+    let out = tempfile::tempdir().unwrap();
+    let pipeline = repo("pipelines/card_fraud.yaml");
+    let events = std::fs::read(repo("pipelines/samples/card_fraud.jsonl")).unwrap();
+    let parquet_dir = out
+        .path()
+        .join("parquet/card_fraud/date=2026-03-01/hour=00");
+    std::fs::create_dir_all(&parquet_dir).unwrap();
+    let nested = out.path().join("nested");
+    std::fs::create_dir_all(&nested).unwrap();
+    for (input, named) in [
+        (out.path().join("features.jsonl"), "features.jsonl"),
+        (nested.join("../rejected.jsonl"), "rejected.jsonl"),
+        (parquet_dir.join("snapshot-1.parquet"), "snapshot-1.parquet"),
+    ] {
+        std::fs::write(&input, &events).unwrap();
+        let run = replay(&pipeline, &input, out.path());
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{named}: {stderr}");
+        assert!(
+            stderr.contains("is one of the files this replay writes"),
+            "{named}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&input).unwrap(),
+            events,
+            "{named} is untouched"
+        );
+    }
+    assert!(!out.path().join("summary.json").exists());
+}
+
 /// An input that holds none of the pipeline's events (here, the pipeline file itself) is an
 /// error that names the first rejection, not a quiet success; its rejects are still written.
 #[test]
