@@ -146,11 +146,16 @@ pub fn write_rfc3339_ms(out: &mut String, ms: i64) {
     let (m, rest) = (rest / 60_000, rest % 60_000);
     let (s, milli) = (rest / 1000, rest % 1000);
     if !(0..=9999).contains(&year) {
+        // RFC 3339 has no such years (only a window bound can reach them: a window that
+        // starts before year 0000 or ends after 9999). ISO 8601's expanded form, a sign and
+        // six digits, is what JavaScript's `toISOString` writes and parsers of it read.
         use std::fmt::Write;
+        let sign = if year < 0 { '-' } else { '+' };
+        let year = year.unsigned_abs();
         // Writing into a String cannot fail.
         let _ = write!(
             out,
-            "{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z"
+            "{sign}{year:06}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z"
         );
         return;
     }
@@ -235,6 +240,18 @@ mod tests {
         for ms in [0i64, 1_772_366_400_123, -86_400_001, 253_402_300_799_999] {
             assert_eq!(parse_rfc3339_ms(&format_rfc3339_ms(ms)), Some(ms));
         }
+        // Window bounds outside RFC 3339's years: ISO 8601 expanded years, as JavaScript's
+        // `toISOString` writes them.
+        let year_zero = -62_167_219_200_000; // 0000-01-01T00:00:00.000Z
+        assert_eq!(format_rfc3339_ms(year_zero), "0000-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_rfc3339_ms(year_zero - 1_800_000),
+            "-000001-12-31T23:30:00.000Z"
+        );
+        assert_eq!(
+            format_rfc3339_ms(253_402_300_800_000),
+            "+010000-01-01T00:00:00.000Z"
+        );
         assert_eq!(
             date_and_hour(1_772_366_400_123),
             ("2026-03-01".to_string(), 12)
