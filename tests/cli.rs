@@ -529,6 +529,114 @@ fn the_demo_runs_end_to_end() {
     assert!(!snapshots.is_empty(), "{snapshots:?}");
 }
 
+/// A state folder that cannot take checkpoints stops the service at start, before it waits
+/// for Kafka or consumes anything, with a message that names the folder.
+#[test]
+fn run_refuses_a_state_folder_it_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_folder = dir.path().join("a-file");
+    std::fs::write(&not_a_folder, "").unwrap();
+    let pipeline = dir.path().join("state.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: state_check\nsource:\n  kafka: {{ brokers: \"127.0.0.1:1\", topic: t, group_id: g }}\n  schema: {{ k: string, ts: timestamp }}\n  entity: k\n  event_time: ts\nfeatures:\n  - {{ name: n, agg: count, window: lifetime }}\nstate: {{ dir: \"{}\" }}\n",
+            not_a_folder.join("state").display()
+        ),
+    )
+    .unwrap();
+    let out = bin().arg("run").arg(&pipeline).output().expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(
+            "the state folder (`state.dir`) must be writable: cannot write checkpoints in"
+        ) && stderr.contains("a-file/state/state_check/g"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Cannot reach Kafka"),
+        "checked first: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("Not a directory").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+}
+
+/// A stop requested while the brokers have never answered ends the service at once with exit
+/// 0, also when the reader of its log has gone (stderr a closed pipe: writing a log line must
+/// not take down the thread that handles the signal).
+#[test]
+fn a_stop_before_kafka_is_reached_exits_at_once_even_with_nobody_reading_the_log() {
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = dir.path().join("unreachable.yaml");
+    std::fs::write(
+        &pipeline,
+        format!(
+            "name: unreachable\nsource:\n  kafka: {{ brokers: \"127.0.0.1:1\", topic: t, group_id: g }}\n  schema: {{ k: string, ts: timestamp }}\n  entity: k\n  event_time: ts\nfeatures:\n  - {{ name: n, agg: count, window: lifetime }}\nstate: {{ dir: \"{}\" }}\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    for close_log in [false, true] {
+        let mut child = bin()
+            .arg("run")
+            .arg(&pipeline)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starts");
+        let mut log = BufReader::new(child.stderr.take().expect("piped"));
+        let mut first = String::new();
+        log.read_line(&mut first).expect("a log line");
+        assert!(
+            first.contains("Cannot reach Kafka at 127.0.0.1:1"),
+            "{first}"
+        );
+        // Wait into the back-off, so that the stop has to cut a sleep short.
+        std::thread::sleep(Duration::from_millis(1500));
+        let reader = if close_log {
+            drop(log);
+            None
+        } else {
+            Some(std::thread::spawn(move || {
+                let mut rest = String::new();
+                let _ = std::io::Read::read_to_string(&mut log, &mut rest);
+                rest
+            }))
+        };
+        let asked = Instant::now();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = loop {
+            if let Some(exit) = child.try_wait().expect("wait") {
+                break exit;
+            }
+            if asked.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                panic!("closed log {close_log}: still running 15 s after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(exit.code(), Some(0), "closed log {close_log}");
+        if let Some(reader) = reader {
+            let rest = reader.join().expect("reader");
+            assert!(rest.contains("Shutdown requested"), "{rest}");
+            assert!(
+                rest.rfind("retrying in") < rest.find("Shutdown requested"),
+                "no retry after the stop:\n{rest}"
+            );
+        }
+    }
+}
+
 /// Runs `featurestream replay PIPELINE --input INPUT --output OUTPUT`.
 fn replay(pipeline: &Path, input: &Path, output: &Path) -> std::process::Output {
     bin()

@@ -128,6 +128,18 @@ pub enum TopicCheckError {
     Client(#[from] KafkaError),
 }
 
+/// Sleeps for `duration`, or less if `stop` is set meanwhile.
+fn sleep_unless_stopped(duration: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + duration;
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
 /// Waits until the brokers answer, then checks that every topic exists. While the brokers are
 /// unreachable it logs and retries (until `stop` is set); a missing topic is an error at once.
 pub fn check_topics(
@@ -145,7 +157,8 @@ pub fn check_topics(
             if stop.load(Ordering::Relaxed) {
                 return Err(TopicCheckError::Stopped);
             }
-            match client.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            // A short timeout per attempt, so that a stop is seen within about a second.
+            match client.fetch_metadata(Some(topic), Duration::from_secs(1)) {
                 Ok(metadata) => {
                     let found = metadata.topics().iter().find(|t| t.name() == *topic);
                     match found.and_then(|t| t.error()) {
@@ -169,13 +182,14 @@ pub fn check_topics(
                         }
                     }
                 }
+                Err(_) if stop.load(Ordering::Relaxed) => return Err(TopicCheckError::Stopped),
                 Err(error) => {
                     tracing::warn!(
                         "Cannot reach Kafka at {brokers} ({error}); retrying in {:.1}s (waiting {:.0}s so far).",
                         backoff.as_secs_f64(),
                         started.elapsed().as_secs_f64()
                     );
-                    std::thread::sleep(backoff);
+                    sleep_unless_stopped(backoff, stop);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }

@@ -18,16 +18,23 @@ use crate::config::Pipeline;
 const MAGIC: &[u8; 8] = b"FSCKPT01";
 
 #[derive(Debug, thiserror::Error)]
+// The cause is part of each message and deliberately not a `source()`: messages are printed
+// with their chain of sources, and it would appear twice.
 pub enum CheckpointError {
-    #[error("cannot write checkpoint {path}: {source}")]
+    #[error("cannot write checkpoint {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cannot read checkpoint {path}: {source}")]
+    #[error("cannot write checkpoints in {path}: {cause}")]
+    WriteDir {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+    #[error("cannot read checkpoint {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error(
         "checkpoint {path} was written by a different pipeline definition (features, windows or schema changed) \
@@ -38,10 +45,10 @@ pub enum CheckpointError {
     Incompatible { path: PathBuf },
     #[error("checkpoint {path} is damaged")]
     Damaged { path: PathBuf },
-    #[error("cannot encode the state of partition {partition}: {source}")]
+    #[error("cannot encode the state of partition {partition}: {cause}")]
     Encode {
         partition: i32,
-        source: crate::engine::SnapshotError,
+        cause: crate::engine::SnapshotError,
     },
 }
 
@@ -113,7 +120,7 @@ impl CheckpointStore {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(CheckpointError::Read { path, source }),
+            Err(cause) => return Err(CheckpointError::Read { path, cause }),
         };
         let damaged = || CheckpointError::Damaged { path: path.clone() };
         if bytes.len() < 32 || &bytes[..8] != MAGIC {
@@ -137,11 +144,28 @@ impl CheckpointStore {
         }))
     }
 
+    /// Checks at start-up that checkpoints can be written here, so that a wrong `state.dir`
+    /// stops the service before it consumes anything rather than at its first checkpoint.
+    pub fn check_writable(&self) -> Result<(), CheckpointError> {
+        let probe = self
+            .dir
+            .join(format!(".write-check-{}.tmp", std::process::id()));
+        let write = |cause| CheckpointError::WriteDir {
+            path: self.dir.clone(),
+            cause,
+        };
+        fs::create_dir_all(&self.dir).map_err(write)?;
+        File::create(&probe)
+            .and_then(|file| file.sync_all())
+            .map_err(write)?;
+        fs::remove_file(&probe).map_err(write)
+    }
+
     pub fn save(&self, partition: i32, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
         let path = self.path(partition);
-        let write = |source| CheckpointError::Write {
+        let write = |cause| CheckpointError::Write {
             path: path.clone(),
-            source,
+            cause,
         };
         fs::create_dir_all(&self.dir).map_err(write)?;
         let temp = self

@@ -852,7 +852,7 @@ impl Worker {
             for (partition, next_offset, capture) in files {
                 let state = capture
                     .assemble()
-                    .map_err(|source| CheckpointError::Encode { partition, source })?;
+                    .map_err(|cause| CheckpointError::Encode { partition, cause })?;
                 bytes += state.len();
                 let checkpoint = Checkpoint {
                     next_offset,
@@ -1044,6 +1044,12 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(&pipeline.state_dir));
+    // Before anything is consumed: a state folder that cannot take checkpoints would otherwise
+    // stop the service at its first one, after it had produced outputs it cannot commit.
+    let store = CheckpointStore::new(&state_dir, &pipeline);
+    store
+        .check_writable()
+        .context("the state folder (`state.dir`) must be writable")?;
     match check_topics(&brokers, &source.kafka.options, &topics, &shared.stop) {
         // A stop asked for while Kafka was unreachable is a clean stop: nothing was consumed.
         Err(TopicCheckError::Stopped) => {
@@ -1096,7 +1102,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         json: JsonDecoder::new(source),
         avro,
         encoder,
-        store: CheckpointStore::new(&state_dir, &pipeline),
+        store,
         parquet: ParquetOutputs::new(&pipeline, options.parquet_dir.as_deref()),
         positions: BTreeMap::new(),
         skip_below: BTreeMap::new(),
