@@ -78,3 +78,29 @@ pub const ALL: &[(&str, &str)] = &[
     (HTTP_REQUESTS, "HTTP requests served, by route and status."),
     (HTTP_LATENCY, "HTTP request latency, by route."),
 ];
+
+/// Registers the service's counters at zero, every reason included, so that a dashboard's
+/// balance (`consumed = aggregated + rejected + late`) has every term from the start instead
+/// of an empty series until the first bad event.
+pub fn register_counters(pipeline: &str) {
+    use crate::decode::RejectReason;
+    for name in [
+        EVENTS_CONSUMED,
+        EVENTS_AGGREGATED,
+        EVENTS_LATE,
+        RECORDS_PRODUCED,
+        SNAPSHOT_FAILURES,
+        CHECKPOINTS,
+    ] {
+        metrics::counter!(name, "pipeline" => pipeline.to_string()).increment(0);
+    }
+    for reason in RejectReason::ALL {
+        // Late events have their own counter and are never counted as rejected.
+        if reason != RejectReason::Late {
+            metrics::counter!(EVENTS_REJECTED, "pipeline" => pipeline.to_string(), "reason" => reason.as_str())
+                .increment(0);
+        }
+        metrics::counter!(EVENTS_DEAD_LETTERED, "pipeline" => pipeline.to_string(), "reason" => reason.as_str())
+            .increment(0);
+    }
+}

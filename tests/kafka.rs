@@ -192,9 +192,6 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
         .map(|(n, _)| *n)
         .filter(|n| {
             ![
-                "featurestream_events_dead_lettered_total",
-                "featurestream_events_rejected_total",
-                "featurestream_snapshot_failures_total",
                 "featurestream_consumer_lag_messages",
                 "featurestream_partition_watermark_seconds",
             ]
@@ -204,6 +201,24 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
         assert!(
             metrics.contains(name),
             "metric {name} missing from /metrics:\n{metrics}"
+        );
+    }
+    // Every reason's counters are there at zero before any event is rejected, so that the
+    // balance below has all its terms on a clean stream.
+    for reason in featurestream::decode::RejectReason::ALL {
+        let has = |name: &str| {
+            metrics.lines().any(|l| {
+                l.starts_with(name) && l.contains(&format!("reason=\"{}\"", reason.as_str()))
+            })
+        };
+        assert!(
+            has("featurestream_events_dead_lettered_total"),
+            "{reason:?}:\n{metrics}"
+        );
+        assert_eq!(
+            has("featurestream_events_rejected_total"),
+            reason != featurestream::decode::RejectReason::Late,
+            "{reason:?}:\n{metrics}"
         );
     }
     let consumed = metric(&metrics, "featurestream_events_consumed_total");

@@ -1044,6 +1044,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         .state_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(&pipeline.state_dir));
+    telemetry::register_counters(&pipeline.name);
     // Before anything is consumed: a state folder that cannot take checkpoints would otherwise
     // stop the service at its first one, after it had produced outputs it cannot commit.
     let store = CheckpointStore::new(&state_dir, &pipeline);
