@@ -328,9 +328,14 @@ impl Engine {
     fn note_activity(&mut self, partition: u32, now_ms: i64) {
         let idle_timeout = self.pipeline.source.idle_timeout_ms;
         let is_idle = |last: &i64| now_ms.saturating_sub(*last) > idle_timeout;
-        let resuming = self.last_activity.get(&partition).is_none_or(is_idle)
-            && self.last_activity.values().all(is_idle);
-        if resuming {
+        // The usual case, a partition that was active, in one look-up.
+        if let Some(last) = self.last_activity.get_mut(&partition)
+            && !is_idle(last)
+        {
+            *last = now_ms;
+            return;
+        }
+        if self.last_activity.values().all(is_idle) {
             for last in self.last_activity.values_mut() {
                 *last = now_ms;
             }
