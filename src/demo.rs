@@ -309,7 +309,7 @@ pub fn print_outcome(outcome: &DemoOutcome, out_dir: &Path, events: u64) {
         && let Some((as_of, values)) = outcome.shared.engine_read().lookup(entity)
     {
         let mut line = String::new();
-        crate::output::write_update(&mut line, &outcome.shared.pipeline, entity, as_of, &values);
+        crate::output::write_lookup(&mut line, &outcome.shared.pipeline, entity, as_of, &values);
         println!("  a look-up         {line}");
     }
     println!("Outputs:");

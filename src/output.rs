@@ -66,7 +66,31 @@ pub fn write_update(
 ) {
     out.push_str("{\"pipeline\":");
     write_json_str(out, &pipeline.name);
-    out.push_str(",\"entity\":");
+    out.push(',');
+    write_entity_fields(out, pipeline, entity, as_of, values);
+}
+
+/// `{"entity","as_of","features":{...}}`: one entity as the look-up API answers it.
+pub fn write_lookup(
+    out: &mut String,
+    pipeline: &Pipeline,
+    entity: &str,
+    as_of: i64,
+    values: &[FeatureValue],
+) {
+    out.push('{');
+    write_entity_fields(out, pipeline, entity, as_of, values);
+}
+
+/// `"entity":..,"as_of":..,"features":{...}}`, the end both shapes share.
+fn write_entity_fields(
+    out: &mut String,
+    pipeline: &Pipeline,
+    entity: &str,
+    as_of: i64,
+    values: &[FeatureValue],
+) {
+    out.push_str("\"entity\":");
     write_json_str(out, entity);
     out.push_str(",\"as_of\":\"");
     write_rfc3339_ms(out, as_of);

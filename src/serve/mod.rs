@@ -17,8 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::decode::time::write_rfc3339_ms;
-use crate::output::{write_features, write_json_str};
+use crate::output::{write_json_str, write_lookup};
 use crate::runtime::Shared;
 use crate::telemetry;
 
@@ -126,13 +125,7 @@ fn write_entity(state: &AppState, entity: &str, out: &mut String) -> Result<bool
         return Ok(false);
     };
     drop(engine);
-    out.push_str("{\"entity\":");
-    write_json_str(out, entity);
-    out.push_str(",\"as_of\":\"");
-    write_rfc3339_ms(out, as_of);
-    out.push_str("\",\"features\":");
-    write_features(out, &state.shared.pipeline, &values);
-    out.push('}');
+    write_lookup(out, &state.shared.pipeline, entity, as_of, &values);
     Ok(true)
 }
 
