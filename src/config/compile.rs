@@ -404,6 +404,19 @@ impl Compiler {
             .required(&entries, "schema", path)
             .and_then(|n| self.schema(n));
         let schema_copy = schema.clone();
+        if let (Some(node), Some(text)) = (entries.get("avro_schema"), &avro_schema) {
+            if format.is_some_and(|f| f != Format::Avro) {
+                self.error(
+                    node.pos,
+                    "source.avro_schema",
+                    "`avro_schema` is read only with `format: avro` (with `avro_confluent` each event names its schema in the registry): remove it or set `format: avro`",
+                );
+            } else if let Some(schema) = &schema {
+                for problem in crate::decode::avro::writer_schema_problems(text, schema) {
+                    self.error(node.pos, "source.avro_schema", problem);
+                }
+            }
+        }
         let entity = self.declared_field(&entries, "entity", schema.as_ref());
         let event_time = self.declared_field(&entries, "event_time", schema.as_ref());
         if let (Some(schema), Some(i), Some(n)) = (&schema, entity, entries.get("entity")) {

@@ -300,3 +300,70 @@ fn output_column_and_partition_names_are_reserved() {
         );
     }
 }
+
+#[test]
+fn an_avro_writer_schema_is_checked_against_the_declared_one() {
+    let with_writer = |schema: &str| {
+        VALID.replace(
+            "  schema:\n",
+            &format!("  format: avro\n  avro_schema: '{schema}'\n  schema:\n"),
+        )
+    };
+    let fields = r#"{"name":"card_id","type":"string"},{"name":"merchant_id","type":{"type":"enum","name":"M","symbols":["a"]}},{"name":"amount","type":["null","double","long"]},{"name":"ts","type":{"type":"long","logicalType":"timestamp-micros"}}"#;
+    let good = with_writer(&format!(
+        r#"{{"type":"record","name":"T","fields":[{fields}]}}"#
+    ));
+    compile_source("p.yaml", &good).unwrap_or_else(|e| panic!("{e}"));
+
+    let errs = errors(&with_writer(r#"{"type":"record","name":"T","fields":["#));
+    assert!(
+        has(&errs, "source.avro_schema", "is not JSON: EOF"),
+        "{errs:#?}"
+    );
+    let errs = errors(&with_writer(r#"{"type":"recrd","name":"T","fields":[]}"#));
+    assert!(
+        has(&errs, "source.avro_schema", "not a valid Avro schema"),
+        "{errs:#?}"
+    );
+    let errs = errors(&with_writer(r#""string""#));
+    assert!(
+        has(&errs, "source.avro_schema", "must be a record, not string"),
+        "{errs:#?}"
+    );
+    let errs = errors(&with_writer(
+        r#"{"type":"record","name":"T","fields":[{"name":"card_id","type":"bytes"},{"name":"ts","type":"string"}]}"#,
+    ));
+    assert!(
+        has(
+            &errs,
+            "source.avro_schema",
+            "`card_id` is string, but `avro_schema` gives it the Avro type bytes"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        has(
+            &errs,
+            "source.avro_schema",
+            "`merchant_id` is not in `avro_schema`"
+        ),
+        "{errs:#?}"
+    );
+    assert!(
+        !errs.iter().any(|e| e.message.contains("`status`")),
+        "an optional field may be absent from the writer schema: {errs:#?}"
+    );
+    assert!(
+        !errs.iter().any(|e| e.message.contains("`ts`")),
+        "an RFC 3339 string is read as a timestamp: {errs:#?}"
+    );
+
+    let errs = errors(&VALID.replace(
+        "  schema:\n",
+        "  avro_schema: '{\"type\":\"record\",\"name\":\"T\",\"fields\":[]}'\n  schema:\n",
+    ));
+    assert!(
+        has(&errs, "source.avro_schema", "read only with `format: avro`"),
+        "{errs:#?}"
+    );
+}

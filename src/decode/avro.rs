@@ -183,6 +183,109 @@ impl AvroDecoder {
     }
 }
 
+/// What is wrong with `text` as the writer schema of events read against `declared`: not valid
+/// Avro, not a record, a required field it lacks, or a field whose Avro type no event could
+/// carry as the declared type. Empty when every event it writes can be read.
+pub fn writer_schema_problems(text: &str, declared: &crate::config::Schema) -> Vec<String> {
+    if let Err(e) = serde_json::from_str::<serde_json::Value>(text) {
+        return vec![format!(
+            "`avro_schema` is not JSON: {e} (line and column within the schema text)"
+        )];
+    }
+    let schema = match Schema::parse_str(text) {
+        Ok(schema) => schema,
+        Err(e) => return vec![format!("`avro_schema` is not a valid Avro schema: {e}")],
+    };
+    let Schema::Record(record) = &schema else {
+        return vec![format!(
+            "`avro_schema` must be a record, not {}",
+            avro_type_name(&schema)
+        )];
+    };
+    let mut problems = Vec::new();
+    for def in &declared.fields {
+        match record.fields.iter().find(|f| f.name == def.name) {
+            None if def.required => problems.push(format!(
+                "declared field `{}` is not in `avro_schema`; every event would be rejected as missing_field",
+                def.name
+            )),
+            None => {}
+            Some(field) if !readable_as(&field.schema, def.ty) => problems.push(format!(
+                "declared field `{}` is {}, but `avro_schema` gives it the Avro type {}, which is not read as {}",
+                def.name,
+                def.ty.name(),
+                avro_type_name(&field.schema),
+                def.ty.name()
+            )),
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+/// Whether every value of Avro type `schema` is read as declared type `ty` (null aside).
+fn readable_as(schema: &Schema, ty: crate::config::FieldType) -> bool {
+    use crate::config::FieldType as T;
+    match schema {
+        Schema::Null => true,
+        Schema::Union(union) => union.variants().iter().all(|v| readable_as(v, ty)),
+        Schema::Boolean => ty == T::Bool,
+        Schema::Int | Schema::Long => matches!(ty, T::Int | T::Float | T::Timestamp),
+        Schema::Float | Schema::Double => ty == T::Float,
+        Schema::String => matches!(ty, T::String | T::Timestamp),
+        Schema::Enum(_) | Schema::Uuid(_) => ty == T::String,
+        Schema::Date
+        | Schema::TimestampMillis
+        | Schema::TimestampMicros
+        | Schema::TimestampNanos
+        | Schema::LocalTimestampMillis
+        | Schema::LocalTimestampMicros
+        | Schema::LocalTimestampNanos => matches!(ty, T::Timestamp | T::Int),
+        _ => false,
+    }
+}
+
+/// A short name of an Avro type for messages: `long`, `timestamp-millis`, `["null", "string"]`.
+fn avro_type_name(schema: &Schema) -> String {
+    let name = match schema {
+        Schema::Null => "null",
+        Schema::Boolean => "boolean",
+        Schema::Int => "int",
+        Schema::Long => "long",
+        Schema::Float => "float",
+        Schema::Double => "double",
+        Schema::Bytes => "bytes",
+        Schema::String => "string",
+        Schema::Array(_) => "array",
+        Schema::Map(_) => "map",
+        Schema::Union(union) => {
+            let names: Vec<String> = union
+                .variants()
+                .iter()
+                .map(|v| format!("\"{}\"", avro_type_name(v)))
+                .collect();
+            return format!("[{}]", names.join(", "));
+        }
+        Schema::Record(_) => "record",
+        Schema::Enum(_) => "enum",
+        Schema::Fixed(_) => "fixed",
+        Schema::Decimal(_) | Schema::BigDecimal => "decimal",
+        Schema::Uuid(_) => "uuid",
+        Schema::Date => "date",
+        Schema::TimeMillis => "time-millis",
+        Schema::TimeMicros => "time-micros",
+        Schema::TimestampMillis => "timestamp-millis",
+        Schema::TimestampMicros => "timestamp-micros",
+        Schema::TimestampNanos => "timestamp-nanos",
+        Schema::LocalTimestampMillis => "local-timestamp-millis",
+        Schema::LocalTimestampMicros => "local-timestamp-micros",
+        Schema::LocalTimestampNanos => "local-timestamp-nanos",
+        Schema::Duration(_) => "duration",
+        Schema::Ref { name } => return name.to_string(),
+    };
+    name.to_string()
+}
+
 fn unknown_id(id: u32) -> Rejection {
     Rejection::new(
         RejectReason::UnknownSchema,

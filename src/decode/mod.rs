@@ -133,6 +133,10 @@ pub struct DecodedEvent<'a> {
     pub fields: Vec<Value<'a>>,
 }
 
+/// The longest entity id, in bytes (UTF-8). Longer ids are rejected at ingest rather than kept
+/// in state that the look-up API could never name.
+pub const MAX_ENTITY_BYTES: usize = 1024;
+
 /// Checks a row of values (from any decoder) against the schema's rules that apply after
 /// parsing: required fields present, entity and event time extracted.
 pub fn finish_event<'a>(
@@ -157,6 +161,16 @@ pub fn finish_event<'a>(
             format!(
                 "entity field `{}` is an empty string",
                 source.schema.fields[source.entity].name
+            ),
+        ));
+    }
+    if entity.len() > MAX_ENTITY_BYTES {
+        return Err(Rejection::new(
+            RejectReason::Schema,
+            format!(
+                "entity field `{}` is {} bytes long; an entity id is at most {MAX_ENTITY_BYTES} bytes",
+                source.schema.fields[source.entity].name,
+                entity.len()
             ),
         ));
     }
@@ -254,6 +268,8 @@ pub fn coerce<'a>(name: &str, ty: FieldType, value: Value<'a>) -> Result<Value<'
         (_, Value::Null) => Ok(Value::Null),
         (FieldType::String, v @ Value::Str(_)) => Ok(v),
         (FieldType::Int, v @ Value::Int(_)) => Ok(v),
+        // An Avro or Parquet timestamp read as an int is its epoch milliseconds.
+        (FieldType::Int, Value::Ts(t)) => Ok(Value::Int(t)),
         (FieldType::Float, v @ Value::Float(f)) if f.is_finite() => Ok(v),
         (FieldType::Float, Value::Float(_)) => Err(wrong("a non-finite number")),
         (FieldType::Float, Value::Int(i)) => Ok(Value::Float(i as f64)),

@@ -163,6 +163,22 @@ fn each_kind_of_bad_input_has_its_reason() {
         RejectReason::MissingField,
         "empty entity"
     );
+    let long_entity = format!(
+        r#"{{"id":"{}","n":1,"ts":1}}"#,
+        "k".repeat(MAX_ENTITY_BYTES + 1)
+    );
+    assert_eq!(
+        reason(long_entity.as_bytes()),
+        RejectReason::Schema,
+        "an entity id the look-up API could not name"
+    );
+    let longest_entity = format!(
+        r#"{{"id":"{}","n":1,"ts":1}}"#,
+        "k".repeat(MAX_ENTITY_BYTES)
+    );
+    JsonDecoder::new(&source(""))
+        .decode(longest_entity.as_bytes())
+        .expect("an entity id of exactly the limit is accepted");
     assert_eq!(
         reason(br#"{"id":5,"n":1,"ts":1}"#),
         RejectReason::Schema,
@@ -479,4 +495,24 @@ proptest! {
             _ => prop_assert_eq!(as_int.expect_err("not an i64").reason, RejectReason::Schema),
         }
     }
+}
+
+#[test]
+fn typed_values_convert_only_where_documented() {
+    assert_eq!(
+        coerce("n", FieldType::Int, Value::Ts(1_500)),
+        Ok(Value::Int(1_500)),
+        "a timestamp read as an int is its epoch milliseconds"
+    );
+    assert_eq!(
+        coerce("x", FieldType::Float, Value::Int(2)),
+        Ok(Value::Float(2.0))
+    );
+    assert_eq!(
+        coerce("ts", FieldType::Timestamp, Value::Int(7)),
+        Ok(Value::Ts(7))
+    );
+    assert!(coerce("x", FieldType::Float, Value::Ts(1)).is_err());
+    assert!(coerce("s", FieldType::String, Value::Int(1)).is_err());
+    assert!(coerce("n", FieldType::Int, Value::Float(1.0)).is_err());
 }

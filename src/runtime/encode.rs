@@ -6,6 +6,7 @@ use apache_avro::types::Value as AvroValue;
 
 use crate::config::{Emit, Format, Pipeline, ValueType};
 use crate::decode::registry::{RegistryClient, RegistryError};
+use crate::decode::time::format_rfc3339_ms;
 use crate::engine::FeatureValue;
 use crate::output::{write_update, write_window_closed};
 
@@ -211,7 +212,7 @@ impl Encoder {
 }
 
 /// A feature value as an Avro union: `["null", T]` for updates (`typed`), or the shared
-/// `["null","long","double","boolean","string"]` for window records.
+/// `["null","long","double","boolean","string"]` for window records, where a time is a string.
 fn union(value: &FeatureValue, typed: bool) -> AvroValue {
     let (index, inner) = match value {
         FeatureValue::Null => return AvroValue::Union(0, Box::new(AvroValue::Null)),
@@ -220,7 +221,130 @@ fn union(value: &FeatureValue, typed: bool) -> AvroValue {
         FeatureValue::Bool(b) => (3, AvroValue::Boolean(*b)),
         FeatureValue::Str(s) => (4, AvroValue::String(s.to_string())),
         FeatureValue::Ts(t) if typed => (1, AvroValue::TimestampMillis(*t)),
-        FeatureValue::Ts(t) => (1, AvroValue::Long(*t)),
+        // The shared union cannot also hold `timestamp-millis` (it is a `long` too, and a
+        // union holds one branch per type), so a window record's time value is the RFC 3339
+        // string its JSON form has.
+        FeatureValue::Ts(t) => (4, AvroValue::String(format_rfc3339_ms(*t))),
     };
     AvroValue::Union(if typed { 1 } else { index }, Box::new(inner))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::compile_source;
+
+    /// An Avro encoder as `Encoder::new` builds it, without registering the schema.
+    fn avro_encoder(pipeline: &Pipeline) -> Encoder {
+        let schema = Schema::parse_str(&avro_schema(pipeline).to_string()).unwrap();
+        Encoder::Avro {
+            schema,
+            id: 7,
+            pipeline: pipeline.name.clone(),
+            features: pipeline
+                .features
+                .iter()
+                .map(|f| (f.name.clone(), f.value_type))
+                .collect(),
+            buf: Vec::new(),
+        }
+    }
+
+    fn pipeline(emit: &str) -> Pipeline {
+        compile_source(
+            "p.yaml",
+            &format!(
+                r#"
+name: p
+source:
+  kafka: {{ brokers: "x:1", topic: t, group_id: g }}
+  schema_registry: http://127.0.0.1:9
+  schema: {{ id: string, paid: timestamp, ts: timestamp }}
+  entity: id
+  event_time: ts
+features:
+  - {{ name: n, agg: count, window: {{ tumbling: 1h }} }}
+  - {{ name: last_paid, agg: last, field: paid, window: {{ tumbling: 1h }} }}
+sinks:
+  kafka: {{ topic: out, format: avro, emit: {emit} }}
+"#
+            ),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn decode(schema: &Schema, framed: &[u8]) -> AvroValue {
+        assert_eq!(&framed[..5], &[0, 0, 0, 0, 7], "magic byte and schema id");
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+            .build()
+            .unwrap();
+        reader.read_value(&mut &framed[5..]).unwrap()
+    }
+
+    #[test]
+    fn a_window_record_writes_a_time_value_as_its_json_string() {
+        let pipeline = pipeline("on_window_close");
+        let mut encoder = avro_encoder(&pipeline);
+        let schema = Schema::parse_str(&avro_schema(&pipeline).to_string()).unwrap();
+        let framed = encoder
+            .window_closed(&pipeline, "a", 1, (0, 3_600_000), &FeatureValue::Ts(1_500))
+            .unwrap()
+            .to_vec();
+        let AvroValue::Record(fields) = decode(&schema, &framed) else {
+            panic!("a record")
+        };
+        assert_eq!(fields[2].1, AvroValue::String("last_paid".into()));
+        assert_eq!(fields[4].1, AvroValue::TimestampMillis(3_600_000));
+        assert_eq!(
+            fields[5].1,
+            AvroValue::Union(
+                4,
+                Box::new(AvroValue::String("1970-01-01T00:00:01.500Z".into()))
+            )
+        );
+        let framed = encoder
+            .window_closed(&pipeline, "a", 0, (0, 3_600_000), &FeatureValue::Int(3))
+            .unwrap()
+            .to_vec();
+        let AvroValue::Record(fields) = decode(&schema, &framed) else {
+            panic!("a record")
+        };
+        assert_eq!(
+            fields[5].1,
+            AvroValue::Union(1, Box::new(AvroValue::Long(3)))
+        );
+    }
+
+    #[test]
+    fn an_update_types_each_feature() {
+        let pipeline = pipeline("on_update");
+        let mut encoder = avro_encoder(&pipeline);
+        let schema = Schema::parse_str(&avro_schema(&pipeline).to_string()).unwrap();
+        let framed = encoder
+            .update(
+                &pipeline,
+                "a",
+                2_000,
+                &[FeatureValue::Int(2), FeatureValue::Ts(1_500)],
+            )
+            .unwrap()
+            .to_vec();
+        let AvroValue::Record(fields) = decode(&schema, &framed) else {
+            panic!("a record")
+        };
+        assert_eq!(fields[2].1, AvroValue::TimestampMillis(2_000));
+        assert_eq!(
+            fields[3].1,
+            AvroValue::Record(vec![
+                (
+                    "n".into(),
+                    AvroValue::Union(1, Box::new(AvroValue::Long(2)))
+                ),
+                (
+                    "last_paid".into(),
+                    AvroValue::Union(1, Box::new(AvroValue::TimestampMillis(1_500)))
+                ),
+            ])
+        );
+    }
 }
