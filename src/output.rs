@@ -82,6 +82,21 @@ pub fn write_lookup(
     write_entity_fields(out, pipeline, entity, as_of, values);
 }
 
+/// `{"entity","found":true,"as_of","features":{...}}`: a found entity in a batch look-up, whose
+/// unknown entities are `{"entity","found":false}`.
+pub fn write_batch_entry(
+    out: &mut String,
+    pipeline: &Pipeline,
+    entity: &str,
+    as_of: i64,
+    values: &[FeatureValue],
+) {
+    out.push_str("{\"entity\":");
+    write_json_str(out, entity);
+    out.push_str(",\"found\":true,");
+    write_time_and_features(out, pipeline, as_of, values);
+}
+
 /// `"entity":..,"as_of":..,"features":{...}}`, the end both shapes share.
 fn write_entity_fields(
     out: &mut String,
@@ -92,7 +107,18 @@ fn write_entity_fields(
 ) {
     out.push_str("\"entity\":");
     write_json_str(out, entity);
-    out.push_str(",\"as_of\":\"");
+    out.push(',');
+    write_time_and_features(out, pipeline, as_of, values);
+}
+
+/// `"as_of":..,"features":{...}}`.
+fn write_time_and_features(
+    out: &mut String,
+    pipeline: &Pipeline,
+    as_of: i64,
+    values: &[FeatureValue],
+) {
+    out.push_str("\"as_of\":\"");
     write_rfc3339_ms(out, as_of);
     out.push_str("\",\"features\":");
     write_features(out, pipeline, values);

@@ -108,6 +108,7 @@ fn stream_matches_replay_and_serves_lookups_parquet_and_metrics() {
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["results"][0]["features"], newest["card_001"]);
+    assert_eq!(v["results"][0]["found"], true);
     assert_eq!(v["results"][1]["found"], false);
     assert_eq!(http_get(&format!("{base}/healthz")).0, 200);
     assert_eq!(http_get(&format!("{base}/readyz")).0, 200);

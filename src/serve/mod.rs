@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -17,13 +18,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::output::{write_json_str, write_lookup};
+use crate::config::FieldType;
+use crate::decode::MAX_ENTITY_BYTES;
+use crate::engine::FeatureValue;
+use crate::output::{write_batch_entry, write_json_str, write_lookup};
 use crate::runtime::Shared;
 use crate::telemetry;
 
 /// Most entities one batch request may ask for.
 pub const MAX_BATCH: usize = 1000;
-const MAX_ENTITY_BYTES: usize = 1024;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -41,6 +44,18 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such route: GET /v1/features/{pipeline}/{entity}, POST /v1/features/{pipeline}, GET /healthz, /readyz, /metrics",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed: GET /v1/features/{pipeline}/{entity} reads one entity, POST /v1/features/{pipeline} a batch",
+            )
+        })
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
@@ -93,14 +108,34 @@ fn check_pipeline(state: &AppState, pipeline: &str) -> Option<Response> {
     })
 }
 
-fn check_entity(entity: &str) -> Option<Response> {
+/// A request refused before the engine is read: its status and the message of its JSON body.
+type Refusal = (StatusCode, String);
+
+/// The entity id as the engine keys it, or why `entity` cannot be one. An int entity is keyed
+/// by its canonical decimal digits, so `007` and `+7` find `7`.
+fn entity_key(state: &AppState, entity: &str) -> Result<String, Refusal> {
     if entity.is_empty() || entity.len() > MAX_ENTITY_BYTES {
-        return Some(error(
+        return Err((
             StatusCode::BAD_REQUEST,
-            "an entity id is 1 to 1024 bytes",
+            format!("an entity id is 1 to {MAX_ENTITY_BYTES} bytes"),
         ));
     }
-    None
+    let source = &state.shared.pipeline.source;
+    let field = &source.schema.fields[source.entity];
+    if field.ty != FieldType::Int {
+        return Ok(entity.to_string());
+    }
+    entity.parse::<i64>().map(|i| i.to_string()).map_err(|_| {
+        let mut shown = String::new();
+        write_json_str(&mut shown, entity);
+        (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "this pipeline's entity field `{}` is an int; {shown} is not a 64-bit integer",
+                field.name
+            ),
+        )
+    })
 }
 
 /// How long a look-up waits for the engine. The processing thread steps aside for readers
@@ -118,28 +153,39 @@ fn busy() -> Response {
     )
 }
 
-/// Appends `{"entity","as_of","features":{...}}` for one entity; `Ok(false)` if unknown.
-fn write_entity(state: &AppState, entity: &str, out: &mut String) -> Result<bool, Busy> {
+/// An entity's current values, or `Ok(None)` if it has no state.
+fn read_entity(state: &AppState, entity: &str) -> Result<Option<(i64, Vec<FeatureValue>)>, Busy> {
     let engine = state.shared.engine_read_for(LOOKUP_WAIT).ok_or(Busy)?;
-    let Some((as_of, values)) = engine.lookup(entity) else {
-        return Ok(false);
-    };
-    drop(engine);
-    write_lookup(out, &state.shared.pipeline, entity, as_of, &values);
-    Ok(true)
+    Ok(engine.lookup(entity))
 }
 
 async fn get_features(
     State(state): State<AppState>,
-    Path((pipeline, entity)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
-    if let Some(r) = check_pipeline(&state, &pipeline).or_else(|| check_entity(&entity)) {
+    let (pipeline, entity) = match path {
+        Ok(Path(parts)) => parts,
+        // Refused by the extractor (a path that is not UTF-8, a body over the limit): still JSON.
+        Err(e) => return error(e.status(), &e.body_text()),
+    };
+    if let Some(r) = check_pipeline(&state, &pipeline) {
         return r;
     }
-    let mut body = String::with_capacity(256);
-    match write_entity(&state, &entity, &mut body) {
-        Ok(true) => json(StatusCode::OK, body),
-        Ok(false) => error(StatusCode::NOT_FOUND, &format!("unknown entity `{entity}`")),
+    let key = match entity_key(&state, &entity) {
+        Ok(key) => key,
+        Err((status, message)) => return error(status, &message),
+    };
+    match read_entity(&state, &key) {
+        Ok(Some((as_of, values))) => {
+            let mut body = String::with_capacity(256);
+            write_lookup(&mut body, &state.shared.pipeline, &key, as_of, &values);
+            json(StatusCode::OK, body)
+        }
+        Ok(None) => {
+            let mut shown = String::new();
+            write_json_str(&mut shown, &key);
+            error(StatusCode::NOT_FOUND, &format!("unknown entity {shown}"))
+        }
         Err(Busy) => busy(),
     }
 }
@@ -147,17 +193,49 @@ async fn get_features(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
-    entities: Vec<String>,
+    entities: Vec<serde_json::Value>,
+}
+
+/// The ids of a batch request as the engine keys them: strings, or integers for an int entity.
+fn batch_keys(state: &AppState, request: &BatchRequest) -> Result<Vec<String>, Refusal> {
+    if request.entities.len() > MAX_BATCH {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("at most {MAX_BATCH} entities per request"),
+        ));
+    }
+    request
+        .entities
+        .iter()
+        .map(|id| match id {
+            serde_json::Value::String(s) => entity_key(state, s),
+            serde_json::Value::Number(n) if n.is_i64() => entity_key(state, &n.to_string()),
+            other => Err((
+                StatusCode::BAD_REQUEST,
+                format!("an entity id is a string or an integer, not {other}"),
+            )),
+        })
+        .collect()
 }
 
 async fn post_features(
     State(state): State<AppState>,
-    Path(pipeline): Path<String>,
-    body: Bytes,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let pipeline = match path {
+        Ok(Path(pipeline)) => pipeline,
+        // Refused by the extractor (a path that is not UTF-8, a body over the limit): still JSON.
+        Err(e) => return error(e.status(), &e.body_text()),
+    };
     if let Some(r) = check_pipeline(&state, &pipeline) {
         return r;
     }
+    let body = match body {
+        Ok(body) => body,
+        // Refused by the extractor (a path that is not UTF-8, a body over the limit): still JSON.
+        Err(e) => return error(e.status(), &e.body_text()),
+    };
     let request: BatchRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -167,27 +245,24 @@ async fn post_features(
             );
         }
     };
-    if request.entities.len() > MAX_BATCH {
-        return error(
-            StatusCode::BAD_REQUEST,
-            &format!("at most {MAX_BATCH} entities per request"),
-        );
-    }
-    if let Some(r) = request.entities.iter().find_map(|e| check_entity(e)) {
-        return r;
-    }
+    let keys = match batch_keys(&state, &request) {
+        Ok(keys) => keys,
+        Err((status, message)) => return error(status, &message),
+    };
     let mut out = String::from("{\"pipeline\":");
     write_json_str(&mut out, &state.shared.pipeline.name);
     out.push_str(",\"results\":[");
-    for (i, entity) in request.entities.iter().enumerate() {
+    for (i, key) in keys.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        match write_entity(&state, entity, &mut out) {
-            Ok(true) => {}
-            Ok(false) => {
+        match read_entity(&state, key) {
+            Ok(Some((as_of, values))) => {
+                write_batch_entry(&mut out, &state.shared.pipeline, key, as_of, &values)
+            }
+            Ok(None) => {
                 out.push_str("{\"entity\":");
-                write_json_str(&mut out, entity);
+                write_json_str(&mut out, key);
                 out.push_str(",\"found\":false}");
             }
             Err(Busy) => return busy(),
@@ -220,3 +295,6 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
     }
 }
+
+#[cfg(test)]
+mod tests;
