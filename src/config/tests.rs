@@ -325,6 +325,13 @@ fn an_avro_writer_schema_is_checked_against_the_declared_one() {
         has(&errs, "source.avro_schema", "not a valid Avro schema"),
         "{errs:#?}"
     );
+    let errs = errors(&with_writer(
+        r#"{"type":"record","name":"T","fields":[{"name":"a","type":{"type":"enum","name":"E","symbols":["x"]}},{"name":"b","type":{"type":"enum","name":"E","symbols":["y"]}}]}"#,
+    ));
+    assert!(
+        has(&errs, "source.avro_schema", "not a usable Avro schema"),
+        "{errs:#?}"
+    );
     let errs = errors(&with_writer(r#""string""#));
     assert!(
         has(&errs, "source.avro_schema", "must be a record, not string"),

@@ -184,8 +184,10 @@ impl AvroDecoder {
 }
 
 /// What is wrong with `text` as the writer schema of events read against `declared`: not valid
-/// Avro, not a record, a required field it lacks, or a field whose Avro type no event could
-/// carry as the declared type. Empty when every event it writes can be read.
+/// Avro, not a record, a required field it lacks or that is always null, or a field none of
+/// whose Avro types is read as the declared type. A union of which only some branches are
+/// readable passes (the producer may never write the others; events that do are `schema`
+/// rejections). Empty when the schema can be used.
 pub fn writer_schema_problems(text: &str, declared: &crate::config::Schema) -> Vec<String> {
     if let Err(e) = serde_json::from_str::<serde_json::Value>(text) {
         return vec![format!(
@@ -196,6 +198,14 @@ pub fn writer_schema_problems(text: &str, declared: &crate::config::Schema) -> V
         Ok(schema) => schema,
         Err(e) => return vec![format!("`avro_schema` is not a valid Avro schema: {e}")],
     };
+    // What `run` does with the schema at start, so that validate fails where it would.
+    if let Err(e) = GenericDatumReader::builder(&schema).build() {
+        return vec![format!("`avro_schema` is not a usable Avro schema: {e}")];
+    }
+    let names = match apache_avro::schema::ResolvedSchema::try_from(&schema) {
+        Ok(resolved) => resolved.get_names().clone(),
+        Err(e) => return vec![format!("`avro_schema` is not a valid Avro schema: {e}")],
+    };
     let Schema::Record(record) = &schema else {
         return vec![format!(
             "`avro_schema` must be a record, not {}",
@@ -204,31 +214,55 @@ pub fn writer_schema_problems(text: &str, declared: &crate::config::Schema) -> V
     };
     let mut problems = Vec::new();
     for def in &declared.fields {
-        match record.fields.iter().find(|f| f.name == def.name) {
-            None if def.required => problems.push(format!(
-                "declared field `{}` is not in `avro_schema`; every event would be rejected as missing_field",
-                def.name
-            )),
-            None => {}
-            Some(field) if !readable_as(&field.schema, def.ty) => problems.push(format!(
+        let Some(field) = record.fields.iter().find(|f| f.name == def.name) else {
+            if def.required {
+                problems.push(format!(
+                    "declared field `{}` is not in `avro_schema`; every event would be rejected as missing_field",
+                    def.name
+                ));
+            }
+            continue;
+        };
+        let branches: Vec<&Schema> = match &field.schema {
+            Schema::Union(union) => union.variants().iter().collect(),
+            other => vec![other],
+        };
+        let values: Vec<&Schema> = branches
+            .into_iter()
+            .filter(|b| !matches!(b, Schema::Null))
+            .collect();
+        if values.is_empty() {
+            if def.required {
+                problems.push(format!(
+                    "declared field `{}` is always null in `avro_schema`; every event would be rejected as missing_field",
+                    def.name
+                ));
+            }
+        } else if !values.iter().any(|v| readable_as(v, def.ty, &names)) {
+            problems.push(format!(
                 "declared field `{}` is {}, but `avro_schema` gives it the Avro type {}, which is not read as {}",
                 def.name,
                 def.ty.name(),
                 avro_type_name(&field.schema),
                 def.ty.name()
-            )),
-            Some(_) => {}
+            ));
         }
     }
     problems
 }
 
-/// Whether every value of Avro type `schema` is read as declared type `ty` (null aside).
-fn readable_as(schema: &Schema, ty: crate::config::FieldType) -> bool {
+/// Whether values of the Avro type `schema` (not a union, not null) are read as declared type
+/// `ty`; a reference to a named type is looked up in `names`.
+fn readable_as(
+    schema: &Schema,
+    ty: crate::config::FieldType,
+    names: &apache_avro::schema::NamesRef<'_>,
+) -> bool {
     use crate::config::FieldType as T;
     match schema {
-        Schema::Null => true,
-        Schema::Union(union) => union.variants().iter().all(|v| readable_as(v, ty)),
+        Schema::Ref { name } => names.get(name).is_some_and(|named| {
+            !matches!(named, Schema::Ref { .. }) && readable_as(named, ty, names)
+        }),
         Schema::Boolean => ty == T::Bool,
         Schema::Int | Schema::Long => matches!(ty, T::Int | T::Float | T::Timestamp),
         Schema::Float | Schema::Double => ty == T::Float,

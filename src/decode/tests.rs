@@ -516,3 +516,120 @@ fn typed_values_convert_only_where_documented() {
     assert!(coerce("s", FieldType::String, Value::Int(1)).is_err());
     assert!(coerce("n", FieldType::Int, Value::Float(1.0)).is_err());
 }
+
+/// `validate`'s verdict on a writer schema agrees with what the decoder does with its datums:
+/// for each Avro type and each declared type, the schema passes exactly when a value decodes.
+#[test]
+fn validate_accepts_an_avro_type_exactly_when_its_values_decode() {
+    use apache_avro::types::Value as A;
+    let enum_type = r#"{"type":"enum","name":"E","symbols":["a"]}"#;
+    let cases: Vec<(&str, A)> = vec![
+        (r#""string""#, A::String("2026-01-01T00:00:00Z".into())),
+        (r#""long""#, A::Long(5)),
+        (r#""int""#, A::Int(5)),
+        (r#""double""#, A::Double(1.5)),
+        (r#""float""#, A::Float(1.5)),
+        (r#""boolean""#, A::Boolean(true)),
+        (
+            r#"{"type":"enum","name":"G","symbols":["a"]}"#,
+            A::Enum(0, "a".into()),
+        ),
+        (
+            r#"{"type":"string","logicalType":"uuid"}"#,
+            A::Uuid(Default::default()),
+        ),
+        (r#"{"type":"int","logicalType":"date"}"#, A::Date(3)),
+        (
+            r#"{"type":"long","logicalType":"timestamp-millis"}"#,
+            A::TimestampMillis(5),
+        ),
+        (
+            r#"{"type":"long","logicalType":"timestamp-micros"}"#,
+            A::TimestampMicros(5_000),
+        ),
+        (
+            r#"{"type":"long","logicalType":"local-timestamp-millis"}"#,
+            A::LocalTimestampMillis(5),
+        ),
+        (
+            r#"{"type":"int","logicalType":"time-millis"}"#,
+            A::TimeMillis(5),
+        ),
+        (r#""bytes""#, A::Bytes(vec![1])),
+        (
+            r#"{"type":"array","items":"long"}"#,
+            A::Array(vec![A::Long(1)]),
+        ),
+        (
+            r#"{"type":"fixed","name":"F","size":2}"#,
+            A::Fixed(2, vec![1, 2]),
+        ),
+        // A named type used a second time is a reference to the first.
+        (r#""E""#, A::Enum(0, "a".into())),
+    ];
+    for (avro_type, value) in cases {
+        for declared in ["string", "int", "float", "bool", "timestamp"] {
+            let writer = format!(
+                r#"{{"type":"record","name":"T","fields":[{{"name":"first","type":{enum_type}}},{{"name":"id","type":"string"}},{{"name":"ts","type":"long"}},{{"name":"v","type":{avro_type}}}]}}"#
+            );
+            let pipeline = compile_source(
+                "t.yaml",
+                &format!(
+                    r#"
+name: t
+source:
+  kafka: {{ brokers: "x:1", topic: t, group_id: g }}
+  schema: {{ id: string, ts: timestamp, v: {declared} }}
+  entity: id
+  event_time: ts
+features:
+  - {{ name: c, agg: count, window: lifetime }}
+"#
+                ),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let mut source = pipeline.source;
+            let validated = avro::writer_schema_problems(&writer, &source.schema).is_empty();
+            source.format = crate::config::Format::Avro;
+            source.avro_schema = Some(writer.clone());
+            let mut decoder = AvroDecoder::new(&source).unwrap();
+            let schema = apache_avro::Schema::parse_str(&writer).unwrap();
+            let record = A::Record(vec![
+                ("first".into(), A::Enum(0, "a".into())),
+                ("id".into(), A::String("k".into())),
+                ("ts".into(), A::Long(1_000)),
+                ("v".into(), value.clone()),
+            ]);
+            #[allow(deprecated)]
+            let bytes = apache_avro::to_avro_datum(&schema, record)
+                .unwrap_or_else(|e| panic!("{avro_type}: {e}"));
+            let decoded = decoder.decode(&bytes);
+            assert_eq!(
+                validated,
+                decoded.is_ok(),
+                "Avro {avro_type} as declared {declared}: validate says {validated}, the decoder {decoded:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_union_passes_validate_when_one_branch_is_readable() {
+    let declared = source("").schema;
+    let writer = |n_type: &str| {
+        format!(
+            r#"{{"type":"record","name":"T","fields":[{{"name":"id","type":"string"}},{{"name":"n","type":{n_type}}},{{"name":"ts","type":"long"}}]}}"#
+        )
+    };
+    assert!(
+        avro::writer_schema_problems(&writer(r#"["null","long","bytes"]"#), &declared).is_empty()
+    );
+    let problems = avro::writer_schema_problems(&writer(r#"["null","string","bytes"]"#), &declared);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains(r#"["null", "string", "bytes"], which is not read as int"#),
+        "{problems:?}"
+    );
+    let problems = avro::writer_schema_problems(&writer(r#""null""#), &declared);
+    assert!(problems[0].contains("`n` is always null"), "{problems:?}");
+}

@@ -111,6 +111,12 @@ fn check_pipeline(state: &AppState, pipeline: &str) -> Option<Response> {
 /// A request refused before the engine is read: its status and the message of its JSON body.
 type Refusal = (StatusCode, String);
 
+/// Whether the pipeline's entity field is an int (its ids are then decimal numbers).
+fn int_entity(state: &AppState) -> bool {
+    let source = &state.shared.pipeline.source;
+    source.schema.fields[source.entity].ty == FieldType::Int
+}
+
 /// The entity id as the engine keys it, or why `entity` cannot be one. An int entity is keyed
 /// by its canonical decimal digits, so `007` and `+7` find `7`.
 fn entity_key(state: &AppState, entity: &str) -> Result<String, Refusal> {
@@ -120,11 +126,11 @@ fn entity_key(state: &AppState, entity: &str) -> Result<String, Refusal> {
             format!("an entity id is 1 to {MAX_ENTITY_BYTES} bytes"),
         ));
     }
-    let source = &state.shared.pipeline.source;
-    let field = &source.schema.fields[source.entity];
-    if field.ty != FieldType::Int {
+    if !int_entity(state) {
         return Ok(entity.to_string());
     }
+    let source = &state.shared.pipeline.source;
+    let field = &source.schema.fields[source.entity];
     entity.parse::<i64>().map(|i| i.to_string()).map_err(|_| {
         let mut shown = String::new();
         write_json_str(&mut shown, entity);
@@ -165,7 +171,7 @@ async fn get_features(
 ) -> Response {
     let (pipeline, entity) = match path {
         Ok(Path(parts)) => parts,
-        // Refused by the extractor (a path that is not UTF-8, a body over the limit): still JSON.
+        // Refused by the extractor (a path that is not UTF-8): still JSON.
         Err(e) => return error(e.status(), &e.body_text()),
     };
     if let Some(r) = check_pipeline(&state, &pipeline) {
@@ -209,10 +215,26 @@ fn batch_keys(state: &AppState, request: &BatchRequest) -> Result<Vec<String>, R
         .iter()
         .map(|id| match id {
             serde_json::Value::String(s) => entity_key(state, s),
-            serde_json::Value::Number(n) if n.is_i64() => entity_key(state, &n.to_string()),
+            serde_json::Value::Number(n) if int_entity(state) => match n.as_i64() {
+                Some(i) => Ok(i.to_string()),
+                // serde_json reads `-0` as a float; ingest reads it as the int 0.
+                None if n.as_f64() == Some(0.0) => Ok("0".to_string()),
+                None if n.is_u64() => Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("entity id {n} is outside the 64-bit integer range"),
+                )),
+                None => Err((
+                    StatusCode::BAD_REQUEST,
+                    format!("entity id {n} is not an integer"),
+                )),
+            },
             other => Err((
                 StatusCode::BAD_REQUEST,
-                format!("an entity id is a string or an integer, not {other}"),
+                if int_entity(state) {
+                    format!("an entity id is a string or an integer, not {other}")
+                } else {
+                    format!("an entity id is a string, not {other}")
+                },
             )),
         })
         .collect()
@@ -225,7 +247,7 @@ async fn post_features(
 ) -> Response {
     let pipeline = match path {
         Ok(Path(pipeline)) => pipeline,
-        // Refused by the extractor (a path that is not UTF-8, a body over the limit): still JSON.
+        // Refused by the extractor (a path that is not UTF-8): still JSON.
         Err(e) => return error(e.status(), &e.body_text()),
     };
     if let Some(r) = check_pipeline(&state, &pipeline) {
@@ -233,7 +255,7 @@ async fn post_features(
     }
     let body = match body {
         Ok(body) => body,
-        // Refused by the extractor (a path that is not UTF-8, a body over the limit): still JSON.
+        // Refused by the extractor (a body over the 2 MB limit): still JSON.
         Err(e) => return error(e.status(), &e.body_text()),
     };
     let request: BatchRequest = match serde_json::from_slice(&body) {

@@ -126,7 +126,7 @@ fn a_batch_says_found_for_every_entity() {
 
 #[test]
 fn int_entities_are_found_by_any_spelling_of_their_number() {
-    let (addr, _runtime) = serve_pipeline("int", &["7", "-12"]);
+    let (addr, _runtime) = serve_pipeline("int", &["7", "-12", "0"]);
     for path in [
         "/v1/features/p/7",
         "/v1/features/p/007",
@@ -142,7 +142,7 @@ fn int_entities_are_found_by_any_spelling_of_their_number() {
     let answer = post(
         addr,
         "/v1/features/p",
-        br#"{"entities":[7,"-12","0012",8]}"#,
+        br#"{"entities":[7,"-12","0012",8,-0]}"#,
     );
     assert_eq!(answer.status, 200, "{:?}", answer.body);
     let found: Vec<_> = answer.body["results"]
@@ -153,7 +153,13 @@ fn int_entities_are_found_by_any_spelling_of_their_number() {
         .collect();
     assert_eq!(
         found,
-        [("7", true), ("-12", true), ("12", false), ("8", false)]
+        [
+            ("7", true),
+            ("-12", true),
+            ("12", false),
+            ("8", false),
+            ("0", true)
+        ]
     );
     let answer = get(addr, b"/v1/features/p/seven");
     assert_eq!(answer.status, 400);
@@ -162,15 +168,31 @@ fn int_entities_are_found_by_any_spelling_of_their_number() {
         "{:?}",
         answer.body
     );
-    let answer = post(addr, "/v1/features/p", br#"{"entities":[7.5]}"#);
-    assert_eq!(answer.status, 400, "{:?}", answer.body);
+    for (body, says) in [
+        (&br#"{"entities":[7.5]}"#[..], "not an integer"),
+        (
+            br#"{"entities":[9223372036854775808]}"#,
+            "outside the 64-bit integer range",
+        ),
+        (br#"{"entities":[true]}"#, "a string or an integer"),
+    ] {
+        let answer = post(addr, "/v1/features/p", body);
+        assert_eq!(answer.status, 400, "{:?}", answer.body);
+        let message = answer.body["error"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+    }
 }
 
 #[test]
 fn every_error_is_json_with_a_message() {
     let (addr, _runtime) = serve_pipeline("string", &[r#""a""#]);
     let long_id = format!("/v1/features/p/{}", "k".repeat(MAX_ENTITY_BYTES + 1));
-    let too_big = format!(r#"{{"entities":["{}"]}}"#, "x".repeat(3 << 20));
+    // Just over the 2 MB limit, so that little of it is left unread when the server answers.
+    let too_big = format!(r#"{{"entities":["{}"]}}"#, "x".repeat((2 << 20) + 100));
+    let long_in_batch = format!(
+        r#"{{"entities":["a","{}"]}}"#,
+        "k".repeat(MAX_ENTITY_BYTES + 1)
+    );
     let cases: Vec<(&str, Answer, u16)> = vec![
         ("unknown entity", get(addr, b"/v1/features/p/zzz"), 404),
         ("unknown pipeline", get(addr, b"/v1/features/q/a"), 404),
@@ -187,6 +209,21 @@ fn every_error_is_json_with_a_message() {
         (
             "unknown key",
             post(addr, "/v1/features/p", br#"{"ids":["a"]}"#),
+            400,
+        ),
+        (
+            "empty id in a batch",
+            post(addr, "/v1/features/p", br#"{"entities":[""]}"#),
+            400,
+        ),
+        (
+            "long id in a batch",
+            post(addr, "/v1/features/p", long_in_batch.as_bytes()),
+            400,
+        ),
+        (
+            "a number for a string entity",
+            post(addr, "/v1/features/p", br#"{"entities":[7]}"#),
             400,
         ),
         (
