@@ -223,12 +223,12 @@ pub fn writer_schema_problems(text: &str, declared: &crate::config::Schema) -> V
             }
             continue;
         };
-        let branches: Vec<&Schema> = match &field.schema {
-            Schema::Union(union) => union.variants().iter().collect(),
-            other => vec![other],
+        let branches = match &field.schema {
+            Schema::Union(union) => union.variants(),
+            other => std::slice::from_ref(other),
         };
         let values: Vec<&Schema> = branches
-            .into_iter()
+            .iter()
             .filter(|b| !matches!(b, Schema::Null))
             .collect();
         if values.is_empty() {

@@ -96,7 +96,12 @@ impl Encoder {
         let text = avro_schema(pipeline).to_string();
         let schema = Schema::parse_str(&text).map_err(|e| EncoderError::Schema(e.to_string()))?;
         let id = registry.register(&format!("{}-value", sink.topic), &text)?;
-        Ok(Encoder::Avro {
+        Ok(Encoder::avro(pipeline, schema, id))
+    }
+
+    /// The Avro encoder for `pipeline`'s records, once `schema` is registered under `id`.
+    fn avro(pipeline: &Pipeline, schema: Schema, id: u32) -> Encoder {
+        Encoder::Avro {
             schema,
             id,
             pipeline: pipeline.name.clone(),
@@ -106,7 +111,7 @@ impl Encoder {
                 .iter()
                 .map(|f| (f.name.clone(), f.value_type))
                 .collect(),
-        })
+        }
     }
 
     /// Frames an Avro record (magic byte, schema id, datum) into `buf`; `None` if the record
@@ -237,17 +242,7 @@ mod tests {
     /// An Avro encoder as `Encoder::new` builds it, without registering the schema.
     fn avro_encoder(pipeline: &Pipeline) -> Encoder {
         let schema = Schema::parse_str(&avro_schema(pipeline).to_string()).unwrap();
-        Encoder::Avro {
-            schema,
-            id: 7,
-            pipeline: pipeline.name.clone(),
-            features: pipeline
-                .features
-                .iter()
-                .map(|f| (f.name.clone(), f.value_type))
-                .collect(),
-            buf: Vec::new(),
-        }
+        Encoder::avro(pipeline, schema, 7)
     }
 
     fn pipeline(emit: &str) -> Pipeline {
@@ -273,26 +268,30 @@ sinks:
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn decode(schema: &Schema, framed: &[u8]) -> AvroValue {
+    /// The fields of the record `encoder` framed, read back with its schema.
+    fn decode(encoder: &Encoder, framed: &[u8]) -> Vec<(String, AvroValue)> {
+        let Encoder::Avro { schema, .. } = encoder else {
+            panic!("an Avro encoder")
+        };
         assert_eq!(&framed[..5], &[0, 0, 0, 0, 7], "magic byte and schema id");
         let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
             .build()
             .unwrap();
-        reader.read_value(&mut &framed[5..]).unwrap()
+        match reader.read_value(&mut &framed[5..]).unwrap() {
+            AvroValue::Record(fields) => fields,
+            other => panic!("a record, not {other:?}"),
+        }
     }
 
     #[test]
     fn a_window_record_writes_a_time_value_as_its_json_string() {
         let pipeline = pipeline("on_window_close");
         let mut encoder = avro_encoder(&pipeline);
-        let schema = Schema::parse_str(&avro_schema(&pipeline).to_string()).unwrap();
         let framed = encoder
             .window_closed(&pipeline, "a", 1, (0, 3_600_000), &FeatureValue::Ts(1_500))
             .unwrap()
             .to_vec();
-        let AvroValue::Record(fields) = decode(&schema, &framed) else {
-            panic!("a record")
-        };
+        let fields = decode(&encoder, &framed);
         assert_eq!(fields[2].1, AvroValue::String("last_paid".into()));
         assert_eq!(fields[4].1, AvroValue::TimestampMillis(3_600_000));
         assert_eq!(
@@ -306,9 +305,7 @@ sinks:
             .window_closed(&pipeline, "a", 0, (0, 3_600_000), &FeatureValue::Int(3))
             .unwrap()
             .to_vec();
-        let AvroValue::Record(fields) = decode(&schema, &framed) else {
-            panic!("a record")
-        };
+        let fields = decode(&encoder, &framed);
         assert_eq!(
             fields[5].1,
             AvroValue::Union(1, Box::new(AvroValue::Long(3)))
@@ -319,7 +316,6 @@ sinks:
     fn an_update_types_each_feature() {
         let pipeline = pipeline("on_update");
         let mut encoder = avro_encoder(&pipeline);
-        let schema = Schema::parse_str(&avro_schema(&pipeline).to_string()).unwrap();
         let framed = encoder
             .update(
                 &pipeline,
@@ -329,9 +325,7 @@ sinks:
             )
             .unwrap()
             .to_vec();
-        let AvroValue::Record(fields) = decode(&schema, &framed) else {
-            panic!("a record")
-        };
+        let fields = decode(&encoder, &framed);
         assert_eq!(fields[2].1, AvroValue::TimestampMillis(2_000));
         assert_eq!(
             fields[3].1,

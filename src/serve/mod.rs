@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::config::FieldType;
+use crate::config::{FieldDef, FieldType};
 use crate::decode::MAX_ENTITY_BYTES;
 use crate::engine::FeatureValue;
 use crate::output::{write_batch_entry, write_json_str, write_lookup};
@@ -111,10 +111,10 @@ fn check_pipeline(state: &AppState, pipeline: &str) -> Option<Response> {
 /// A request refused before the engine is read: its status and the message of its JSON body.
 type Refusal = (StatusCode, String);
 
-/// Whether the pipeline's entity field is an int (its ids are then decimal numbers).
-fn int_entity(state: &AppState) -> bool {
+/// The pipeline's entity field: an int one keys entities by their decimal digits.
+fn entity_field(state: &AppState) -> &FieldDef {
     let source = &state.shared.pipeline.source;
-    source.schema.fields[source.entity].ty == FieldType::Int
+    &source.schema.fields[source.entity]
 }
 
 /// The entity id as the engine keys it, or why `entity` cannot be one. An int entity is keyed
@@ -126,11 +126,10 @@ fn entity_key(state: &AppState, entity: &str) -> Result<String, Refusal> {
             format!("an entity id is 1 to {MAX_ENTITY_BYTES} bytes"),
         ));
     }
-    if !int_entity(state) {
+    let field = entity_field(state);
+    if field.ty != FieldType::Int {
         return Ok(entity.to_string());
     }
-    let source = &state.shared.pipeline.source;
-    let field = &source.schema.fields[source.entity];
     entity.parse::<i64>().map(|i| i.to_string()).map_err(|_| {
         let mut shown = String::new();
         write_json_str(&mut shown, entity);
@@ -210,12 +209,13 @@ fn batch_keys(state: &AppState, request: &BatchRequest) -> Result<Vec<String>, R
             format!("at most {MAX_BATCH} entities per request"),
         ));
     }
+    let int_ids = entity_field(state).ty == FieldType::Int;
     request
         .entities
         .iter()
         .map(|id| match id {
             serde_json::Value::String(s) => entity_key(state, s),
-            serde_json::Value::Number(n) if int_entity(state) => match n.as_i64() {
+            serde_json::Value::Number(n) if int_ids => match n.as_i64() {
                 Some(i) => Ok(i.to_string()),
                 // serde_json reads `-0` as a float; ingest reads it as the int 0.
                 None if n.as_f64() == Some(0.0) => Ok("0".to_string()),
@@ -230,7 +230,7 @@ fn batch_keys(state: &AppState, request: &BatchRequest) -> Result<Vec<String>, R
             },
             other => Err((
                 StatusCode::BAD_REQUEST,
-                if int_entity(state) {
+                if int_ids {
                     format!("an entity id is a string or an integer, not {other}")
                 } else {
                     format!("an entity id is a string, not {other}")
