@@ -305,6 +305,12 @@ pub fn print_outcome(outcome: &DemoOutcome, out_dir: &Path, events: u64) {
         secs,
         events
     );
+    if cfg!(debug_assertions) {
+        // `cargo run` builds without optimisation: say so next to the number it slows.
+        println!(
+            "                    an unoptimised build; `cargo run --release -- demo` shows the real speed"
+        );
+    }
     if let Some(entity) = &outcome.sample_entity
         && let Some((as_of, values)) = outcome.shared.engine_read().lookup(entity)
     {

@@ -18,6 +18,7 @@ pub const SNAPSHOT_DURATION: &str = "featurestream_snapshot_duration_seconds";
 pub const SNAPSHOT_BYTES: &str = "featurestream_snapshot_bytes";
 pub const SNAPSHOT_FAILURES: &str = "featurestream_snapshot_failures_total";
 pub const CHECKPOINTS: &str = "featurestream_checkpoints_total";
+pub const PARTITIONS_WITHOUT_STATE: &str = "featurestream_partitions_without_state_total";
 pub const HTTP_REQUESTS: &str = "featurestream_http_requests_total";
 pub const HTTP_LATENCY: &str = "featurestream_http_request_duration_seconds";
 
@@ -75,6 +76,10 @@ pub const ALL: &[(&str, &str)] = &[
         CHECKPOINTS,
         "Checkpoints completed (outputs acknowledged, state saved, offsets committed).",
     ),
+    (
+        PARTITIONS_WITHOUT_STATE,
+        "Input partitions the group had read before that were assigned with no checkpoint in state.dir: they continue with empty state.",
+    ),
     (HTTP_REQUESTS, "HTTP requests served, by route and status."),
     (HTTP_LATENCY, "HTTP request latency, by route."),
 ];
@@ -91,6 +96,7 @@ pub fn register_counters(pipeline: &str) {
         RECORDS_PRODUCED,
         SNAPSHOT_FAILURES,
         CHECKPOINTS,
+        PARTITIONS_WITHOUT_STATE,
     ] {
         metrics::counter!(name, "pipeline" => pipeline.to_string()).increment(0);
     }

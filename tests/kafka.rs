@@ -694,6 +694,10 @@ fn partitions_move_to_a_second_instance_with_their_state() {
         "the second instance restored what it took over:\n{log_b}"
     );
     assert!(
+        !log_a.contains("has no checkpoint here") && !log_b.contains("has no checkpoint here"),
+        "with a shared state.dir no partition continues without its state:\n{log_a}\n{log_b}"
+    );
+    assert!(
         consumed_by_b > 0,
         "the second instance processed events after the move"
     );
@@ -701,4 +705,55 @@ fn partitions_move_to_a_second_instance_with_their_state() {
     // state moved with its partitions.
     let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
     assert_matches_replay(dir.path(), &pipeline, &all, &streamed);
+}
+
+#[test]
+fn a_partition_that_continues_without_its_state_is_reported() {
+    let Setup {
+        dir,
+        input,
+        output: _,
+        dlq: _,
+        pipeline,
+    } = setup("nostate", 3, "json", "json");
+    let batch = events(3_000, 0);
+    produce(&input, &batch);
+    let (first, http) = start_service(&pipeline, dir.path().join("first.log"));
+    wait_until(Duration::from_secs(120), "every event consumed", || {
+        consumed(&http) >= batch.len() as u64
+    });
+    let (status, log) = first.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        log.matches("starts with empty state (no checkpoint, and no offset committed")
+            .count(),
+        3,
+        "a new group starts each partition empty, quietly:\n{log}"
+    );
+    assert!(!log.contains("has no checkpoint here"), "{log}");
+
+    // The state folder is lost (a new machine, a volume not kept) while the group's offsets
+    // stay: the service goes on from them, and says that its features restart from nothing.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let (second, http) = start_service(&pipeline, dir.path().join("second.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the second run owning its partitions",
+        || http_get(&format!("http://{http}/readyz")).0 == 200,
+    );
+    let without_state = metric(
+        &http_get(&format!("http://{http}/metrics")).1,
+        "featurestream_partitions_without_state_total",
+    );
+    let (status, log) = second.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(without_state, 3, "{log}");
+    for p in 0..3 {
+        assert!(
+            log.contains(&format!(
+                "Partition {p} has no checkpoint here, but the group has read it before"
+            )),
+            "partition {p} reported:\n{log}"
+        );
+    }
 }

@@ -221,14 +221,39 @@ impl ConsumerContext for RunContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
             let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+            let committed = committed_offsets(consumer, list);
             let mut worker = self.lock();
             tracing::info!(?partitions, "Partitions assigned.");
-            if let Err(e) = worker.adopt(&partitions) {
+            if let Err(e) = worker.adopt(&partitions, &committed) {
                 worker.fatal.get_or_insert(e);
             }
+        }
+    }
+}
+
+/// The group's committed offset of each partition in `assigned` that has one. Asked before
+/// the assigned partitions are restored, to tell a partition the group never read from one
+/// whose state was built elsewhere; when the group coordinator cannot say (within 10 s),
+/// nothing is known and the map is empty.
+fn committed_offsets(
+    consumer: &BaseConsumer<RunContext>,
+    assigned: &TopicPartitionList,
+) -> BTreeMap<i32, i64> {
+    match consumer.committed_offsets(assigned.clone(), Duration::from_secs(10)) {
+        Ok(list) => list
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(offset) => Some((e.partition(), offset)),
+                _ => None,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::warn!("Cannot read the group's committed offsets ({e}).");
+            BTreeMap::new()
         }
     }
 }
@@ -409,7 +434,10 @@ impl Worker {
     }
 
     /// Restores newly assigned partitions from their checkpoints (or starts them empty).
-    fn adopt(&mut self, partitions: &[i32]) -> anyhow::Result<()> {
+    /// `committed` holds the group's committed offsets: a partition the group has read before
+    /// but with no checkpoint here continues from that offset with empty state, which is said
+    /// loudly and counted, since its entities' features restart from nothing.
+    fn adopt(&mut self, partitions: &[i32], committed: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
         let now = now_ms();
         let mut engine = self.shared.engine();
         for &p in partitions {
@@ -431,7 +459,30 @@ impl Worker {
                         "Restored partition state from its checkpoint."
                     );
                 }
-                None => engine.assign(p as u32, now),
+                None => {
+                    engine.assign(p as u32, now);
+                    match committed.get(&p) {
+                        Some(offset) => {
+                            tracing::warn!(
+                                partition = p,
+                                committed_offset = offset,
+                                state_dir = %self.store.dir().display(),
+                                "Partition {p} has no checkpoint here, but the group has read it \
+                                 before (committed offset {offset}): it continues from there with \
+                                 empty state, so its entities' features restart from nothing. \
+                                 Give every instance of the group the same state.dir to keep \
+                                 them, or start a new group_id to rebuild them from the topic."
+                            );
+                            metrics::counter!(telemetry::PARTITIONS_WITHOUT_STATE, "pipeline" => self.pipeline().name.clone())
+                                .increment(1);
+                        }
+                        None => tracing::info!(
+                            partition = p,
+                            "Partition {p} starts with empty state (no checkpoint, and no offset \
+                             committed by the group)."
+                        ),
+                    }
+                }
             }
         }
         self.shared.ready.store(true, Ordering::Relaxed);
