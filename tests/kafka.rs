@@ -598,6 +598,18 @@ fn assert_matches_replay(
     batch: &[(i32, String, Vec<u8>)],
     streamed: &[Value],
 ) {
+    assert_records_match_replay(dir, pipeline, batch, batch, streamed);
+}
+
+/// Every record of an event of `checked` in `streamed` equals the record `replay` computes
+/// for it from all the events of `batch`, and each of them has one.
+fn assert_records_match_replay(
+    dir: &std::path::Path,
+    pipeline: &std::path::Path,
+    batch: &[(i32, String, Vec<u8>)],
+    checked: &[(i32, String, Vec<u8>)],
+    streamed: &[Value],
+) {
     let jsonl = dir.join("events.jsonl");
     let lines: Vec<String> = batch
         .iter()
@@ -627,12 +639,12 @@ fn assert_matches_replay(
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let (from_stream, from_replay) = (
-        event_records(streamed, batch),
-        event_records(&replayed, batch),
+        event_records(streamed, checked),
+        event_records(&replayed, checked),
     );
     assert_eq!(
         from_replay.len(),
-        batch.len(),
+        checked.len(),
         "replay has one record per event"
     );
     assert_eq!(
@@ -756,4 +768,65 @@ fn a_partition_that_continues_without_its_state_is_reported() {
             "partition {p} reported:\n{log}"
         );
     }
+}
+
+#[test]
+fn a_partition_back_on_an_instance_whose_state_is_behind_is_read_again() {
+    // Two instances of one group with a state folder each, as on two machines.
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("back", 3, "json", "json");
+    let text = std::fs::read_to_string(&pipeline).unwrap();
+    let state_a = dir.path().join("state").display().to_string();
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let pipeline_b = write_pipeline(
+        &other,
+        &text.replace(&state_a, &dir.path().join("state-b").display().to_string()),
+    );
+    let run = |pipeline: &std::path::Path, log: &str, upto: u64| {
+        let (service, http) = start_service(pipeline, dir.path().join(log));
+        wait_until(
+            Duration::from_secs(120),
+            "every event so far consumed",
+            || consumed(&http) >= upto,
+        );
+        let (status, log) = service.terminate();
+        assert!(status.success(), "{log}");
+        log
+    };
+
+    // A processes the first events; B, which has none of A's state, the next ones; then the
+    // partitions come back to A, whose checkpoints end where A stopped.
+    let first = events(3_000, 0);
+    produce(&input, &first);
+    run(&pipeline, "a1.log", 3_000);
+    let second = events(2_000, 3_000);
+    produce(&input, &second);
+    let log_b = run(&pipeline_b, "b.log", 2_000);
+    assert!(log_b.contains("has no checkpoint here"), "{log_b}");
+    let third = events(1_000, 5_000);
+    produce(&input, &third);
+    // A reads the second events again, then the third.
+    let (service, _) = start_service(&pipeline, dir.path().join("a2.log"));
+    wait_for_every_event_record(&output, &third);
+    let (status, log_a) = service.terminate();
+    assert!(status.success(), "{log_a}");
+    for p in 0..3 {
+        assert!(
+            log_a.contains(&format!("Partition {p}'s checkpoint here ends at offset")),
+            "partition {p} read again:\n{log_a}"
+        );
+    }
+    assert!(!log_a.contains("lacks"), "{log_a}");
+
+    // A's records for the third events are computed on a state that holds every event: they
+    // equal a replay of all of them (B's records, computed without the first events, do not).
+    let all: Vec<_> = first.iter().chain(&second).chain(&third).cloned().collect();
+    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    assert_records_match_replay(dir.path(), &pipeline, &all, &third, &streamed);
 }

@@ -258,6 +258,20 @@ fn committed_offsets(
     }
 }
 
+/// A partition to be read again from `to`, the next offset of its restored state.
+#[derive(Debug, Clone, Copy)]
+struct Rewind {
+    to: i64,
+    /// The seek is done: the next record of the partition fetched is `to` (or, if retention
+    /// has deleted that, the oldest the topic still has).
+    sought: bool,
+    since: Instant,
+}
+
+/// How long a partition's seek may be refused (the client still setting the partition up)
+/// before the rewind is given up, with a warning.
+const REWIND_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Everything the processing thread owns besides the consumer.
 struct Worker {
     shared: Arc<Shared>,
@@ -273,6 +287,9 @@ struct Worker {
     positions: BTreeMap<i32, i64>,
     /// Offsets below these are already in restored state and are skipped.
     skip_below: BTreeMap<i32, i64>,
+    /// Partitions whose restored state ends before the group's committed offset (another
+    /// instance processed the records between): they are read again from where it ends.
+    rewinds: BTreeMap<i32, Rewind>,
     last_checkpoint: Instant,
     /// A checkpoint whose files are being written off the consuming thread; its offsets are
     /// committed once they are durable.
@@ -453,11 +470,34 @@ impl Worker {
                             )
                         })?;
                     self.skip_below.insert(p, checkpoint.next_offset);
+                    self.rewinds.remove(&p);
                     tracing::info!(
                         partition = p,
                         next_offset = checkpoint.next_offset,
                         "Restored partition state from its checkpoint."
                     );
+                    if let Some(&offset) = committed.get(&p)
+                        && offset > checkpoint.next_offset
+                    {
+                        tracing::warn!(
+                            partition = p,
+                            checkpoint_offset = checkpoint.next_offset,
+                            committed_offset = offset,
+                            "Partition {p}'s checkpoint here ends at offset {}, but the group has \
+                             committed {offset}: another instance processed the records between. \
+                             Reading them again so that this state holds them (their feature \
+                             records are sent again).",
+                            checkpoint.next_offset
+                        );
+                        self.rewinds.insert(
+                            p,
+                            Rewind {
+                                to: checkpoint.next_offset,
+                                sought: false,
+                                since: Instant::now(),
+                            },
+                        );
+                    }
                 }
                 None => {
                     engine.assign(p as u32, now);
@@ -499,6 +539,7 @@ impl Worker {
             engine.revoke(p as u32);
             self.positions.remove(&p);
             self.skip_below.remove(&p);
+            self.rewinds.remove(&p);
         }
     }
 
@@ -588,6 +629,69 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::EVENTS_DEAD_LETTERED, "pipeline" => self.pipeline().name.clone(), "reason" => reason).increment(1);
         Ok(())
+    }
+
+    /// Moves partitions to be read again back to where their state ends, and drops from
+    /// `batch` their records fetched before that. The seek is asked for as soon as the client
+    /// takes it (right after the assignment, whether or not records arrive); the partition's
+    /// first record fetched after it ends the rewind.
+    fn rewind(
+        &mut self,
+        consumer: &BaseConsumer<RunContext>,
+        batch: &mut Vec<BorrowedMessage<'_>>,
+    ) {
+        if self.rewinds.is_empty() {
+            return;
+        }
+        let topic = &self.shared.pipeline.source.kafka.topic;
+        let mut sought_now: Vec<i32> = Vec::new();
+        self.rewinds.retain(|&p, rewind| {
+            if rewind.sought {
+                return true;
+            }
+            match consumer.seek(topic, p, Offset::Offset(rewind.to), Duration::from_secs(2)) {
+                Ok(()) => {
+                    rewind.sought = true;
+                    sought_now.push(p);
+                    true
+                }
+                // A partition just assigned may not take a seek yet: asked again next time.
+                Err(e) if rewind.since.elapsed() < REWIND_PATIENCE => {
+                    tracing::debug!(partition = p, "Seek not taken yet ({e}).");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        partition = p,
+                        "Cannot move partition {p} back to offset {} ({e}): its state lacks the \
+                         records from there to the group's committed offset.",
+                        rewind.to
+                    );
+                    false
+                }
+            }
+        });
+        batch.retain(|message| {
+            let p = message.partition();
+            let Some(rewind) = self.rewinds.get(&p) else {
+                return true;
+            };
+            // Fetched before the seek: it comes again after it.
+            if !rewind.sought || sought_now.contains(&p) {
+                return false;
+            }
+            let offset = message.offset();
+            if offset > rewind.to {
+                tracing::warn!(
+                    partition = p,
+                    "Partition {p} is read again from offset {offset}: the records from {} on \
+                     are no longer in the topic (retention), so its state lacks them.",
+                    rewind.to
+                );
+            }
+            self.rewinds.remove(&p);
+            true
+        });
     }
 
     /// Processes a batch of records. Returns how many were consumed.
@@ -1158,6 +1262,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         parquet: ParquetOutputs::new(&pipeline, options.parquet_dir.as_deref()),
         positions: BTreeMap::new(),
         skip_below: BTreeMap::new(),
+        rewinds: BTreeMap::new(),
         last_checkpoint: Instant::now(),
         pending: None,
         capturing: None,
@@ -1242,6 +1347,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         if let Some(e) = w.fatal.take() {
             break Err(e);
         }
+        w.rewind(&consumer, &mut batch);
         match w.process(&batch) {
             Ok(n) => total += n,
             Err(e) => break Err(e),
