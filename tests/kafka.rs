@@ -830,3 +830,62 @@ fn a_partition_back_on_an_instance_whose_state_is_behind_is_read_again() {
     let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
     assert_records_match_replay(dir.path(), &pipeline, &all, &third, &streamed);
 }
+
+#[test]
+fn state_follows_partitions_to_an_instance_without_the_state_folder_through_the_state_topic() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("statetopic", 3, "json", "json");
+    // One partition for three input partitions: records of several share it.
+    let state_topic = unique("state");
+    create_topics(&[(&state_topic, 1)]);
+    let text = std::fs::read_to_string(&pipeline).unwrap().replace(
+        "checkpoint_every: 1s }",
+        &format!("checkpoint_every: 1s, topic: {state_topic} }}"),
+    );
+    assert!(text.contains(&state_topic));
+    std::fs::write(&pipeline, &text).unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let state_a = dir.path().join("state").display().to_string();
+    let pipeline_b = write_pipeline(
+        &other,
+        &text.replace(&state_a, &dir.path().join("state-b").display().to_string()),
+    );
+
+    // A processes the first events and stops; B, on a state folder of its own, goes on.
+    let first = events(3_000, 0);
+    produce(&input, &first);
+    let (a, http) = start_service(&pipeline, dir.path().join("a.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the first events consumed",
+        || consumed(&http) >= first.len() as u64,
+    );
+    let (status, log_a) = a.terminate();
+    assert!(status.success(), "{log_a}");
+    let second = events(2_000, 3_000);
+    produce(&input, &second);
+    let (b, _) = start_service(&pipeline_b, dir.path().join("b.log"));
+    wait_for_every_event_record(&output, &second);
+    let (status, log_b) = b.terminate();
+    assert!(status.success(), "{log_b}");
+    assert_eq!(
+        log_b
+            .matches(&format!(
+                "Restored partition state from its checkpoint in the state topic `{state_topic}`"
+            ))
+            .count(),
+        3,
+        "{log_b}"
+    );
+    assert!(!log_b.contains("has no checkpoint here"), "{log_b}");
+    // B's records are computed on A's state: they equal a replay of all the events.
+    let all: Vec<_> = first.iter().chain(&second).cloned().collect();
+    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    assert_records_match_replay(dir.path(), &pipeline, &all, &second, &streamed);
+}

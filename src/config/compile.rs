@@ -56,6 +56,7 @@ struct StateSection {
     entity_ttl_ms: Option<i64>,
     dir: String,
     checkpoint_every_ms: i64,
+    topic: Option<String>,
 }
 
 impl Default for StateSection {
@@ -64,6 +65,7 @@ impl Default for StateSection {
             entity_ttl_ms: Some(DEFAULT_ENTITY_TTL_MS),
             dir: DEFAULT_STATE_DIR.to_string(),
             checkpoint_every_ms: DEFAULT_CHECKPOINT_EVERY_MS,
+            topic: None,
         }
     }
 }
@@ -360,6 +362,7 @@ impl Compiler {
             entity_ttl_ms: state.entity_ttl_ms,
             state_dir: state.dir,
             checkpoint_every_ms: state.checkpoint_every_ms,
+            state_topic: state.topic,
         };
         Some(pipeline)
     }
@@ -1207,7 +1210,11 @@ impl Compiler {
     }
 
     fn state(&mut self, node: &Node) -> Option<StateSection> {
-        let entries = self.mapping(node, "state", &["entity_ttl", "dir", "checkpoint_every"])?;
+        let entries = self.mapping(
+            node,
+            "state",
+            &["entity_ttl", "dir", "checkpoint_every", "topic"],
+        )?;
         let defaults = StateSection::default();
         let entity_ttl_ms = match entries.get("entity_ttl") {
             None => Some(defaults.entity_ttl_ms),
@@ -1222,10 +1229,15 @@ impl Compiler {
             None => Some(defaults.checkpoint_every_ms),
             Some(n) => self.positive_duration(n, "state.checkpoint_every"),
         };
+        let topic = match entries.get("topic") {
+            None => Some(None),
+            Some(n) => self.string(n, "state.topic").map(Some),
+        };
         Some(StateSection {
             entity_ttl_ms: entity_ttl_ms?,
             dir: dir?,
             checkpoint_every_ms: checkpoint_every_ms?,
+            topic: topic?,
         })
     }
 

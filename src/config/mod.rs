@@ -270,6 +270,9 @@ pub struct Pipeline {
     pub state_dir: String,
     /// How often `run` makes outputs durable, saves state and commits input offsets.
     pub checkpoint_every_ms: i64,
+    /// A Kafka topic that also holds every checkpoint, so that state follows a partition to an
+    /// instance without the state folder it was written to.
+    pub state_topic: Option<String>,
 }
 
 impl Pipeline {

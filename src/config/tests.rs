@@ -374,3 +374,23 @@ fn an_avro_writer_schema_is_checked_against_the_declared_one() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn a_state_topic_is_optional_and_named() {
+    assert_eq!(compile_source("p.yaml", VALID).unwrap().state_topic, None);
+    let with = VALID.replace(
+        "state: { entity_ttl: 7d }",
+        "state: { entity_ttl: 7d, topic: card-fraud-state }",
+    );
+    assert_eq!(
+        compile_source("p.yaml", &with)
+            .unwrap()
+            .state_topic
+            .as_deref(),
+        Some("card-fraud-state")
+    );
+    let empty = VALID.replace("state: { entity_ttl: 7d }", "state: { topic: '' }");
+    assert!(has(&errors(&empty), "state.topic", "non-empty string"));
+    let typo = VALID.replace("state: { entity_ttl: 7d }", "state: { topik: x }");
+    assert!(has(&errors(&typo), "state.topik", "topic"));
+}

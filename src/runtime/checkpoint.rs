@@ -13,6 +13,9 @@ use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use super::state_topic::{StateTopic, StateTopicError};
 use crate::config::Pipeline;
 
 const MAGIC: &[u8; 8] = b"FSCKPT01";
@@ -45,11 +48,30 @@ pub enum CheckpointError {
     Incompatible { path: PathBuf },
     #[error("checkpoint {path} is damaged")]
     Damaged { path: PathBuf },
+    #[error(
+        "the checkpoint of partition {partition} in the state topic `{topic}` was written by a different pipeline \
+         definition (features, windows or schema changed) or by a build with another state layout; to rebuild the \
+         state from the input, use a new state topic (or delete this pipeline's records from it) and reset the \
+         consumer group's offsets to where the state should start"
+    )]
+    IncompatibleInTopic { topic: String, partition: i32 },
+    #[error("the checkpoint of partition {partition} in the state topic `{topic}` is damaged")]
+    DamagedInTopic { topic: String, partition: i32 },
+    /// The state topic could not be written or read: offsets stay uncommitted, and the next
+    /// checkpoint tries again.
+    #[error("{0}")]
+    Topic(StateTopicError),
     #[error("cannot encode the state of partition {partition}: {cause}")]
     Encode {
         partition: i32,
         cause: crate::engine::SnapshotError,
     },
+}
+
+/// Why bytes are not a checkpoint this pipeline can use.
+enum Decoded {
+    Damaged,
+    Incompatible,
 }
 
 pub struct Checkpoint {
@@ -63,6 +85,23 @@ pub struct CheckpointStore {
     dir: PathBuf,
     topic: String,
     fingerprint: u64,
+    /// Where checkpoints are also written, when `state.topic` is set.
+    state_topic: Option<Arc<StateTopic>>,
+}
+
+/// Where a restored checkpoint was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    StateDir,
+    StateTopic,
+}
+
+impl CheckpointError {
+    /// Whether the error is Kafka's (the state topic): worth retrying at the next checkpoint
+    /// rather than stopping the service.
+    pub fn is_state_topic(&self) -> bool {
+        matches!(self, CheckpointError::Topic(_))
+    }
 }
 
 /// Identifies what the state means: any change to features, windows, schema or time rules
@@ -104,7 +143,19 @@ impl CheckpointStore {
             dir: root.join(&pipeline.name).join(group),
             topic: pipeline.source.kafka.topic.clone(),
             fingerprint: fingerprint(pipeline),
+            state_topic: None,
         }
+    }
+
+    /// Also writes every checkpoint to `state_topic`, and restores from it when it holds a
+    /// newer one than the state folder.
+    pub fn with_state_topic(mut self, state_topic: StateTopic) -> CheckpointStore {
+        self.state_topic = Some(Arc::new(state_topic));
+        self
+    }
+
+    pub fn state_topic(&self) -> Option<&str> {
+        self.state_topic.as_deref().map(StateTopic::name)
     }
 
     pub fn dir(&self) -> &Path {
@@ -115,33 +166,83 @@ impl CheckpointStore {
         self.dir.join(format!("{}-{partition}.ckpt", self.topic))
     }
 
-    pub fn load(&self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {
+    /// The newest checkpoint of `partition`: the state folder's, or the state topic's when
+    /// that one is further on (another instance had the partition since).
+    pub fn load(&self, partition: i32) -> Result<Option<(Checkpoint, Origin)>, CheckpointError> {
+        let from_dir = self.load_file(partition)?;
+        let Some(state_topic) = &self.state_topic else {
+            return Ok(from_dir.map(|c| (c, Origin::StateDir)));
+        };
+        let from_topic = match state_topic
+            .read(partition)
+            .map_err(CheckpointError::Topic)?
+        {
+            Some(bytes) => Some(self.decode(&bytes).map_err(|e| match e {
+                Decoded::Damaged => CheckpointError::DamagedInTopic {
+                    topic: state_topic.name().to_string(),
+                    partition,
+                },
+                Decoded::Incompatible => CheckpointError::IncompatibleInTopic {
+                    topic: state_topic.name().to_string(),
+                    partition,
+                },
+            })?),
+            None => None,
+        };
+        Ok(match (from_dir, from_topic) {
+            (Some(dir), Some(topic)) if topic.next_offset > dir.next_offset => {
+                Some((topic, Origin::StateTopic))
+            }
+            (Some(dir), _) => Some((dir, Origin::StateDir)),
+            (None, topic) => topic.map(|c| (c, Origin::StateTopic)),
+        })
+    }
+
+    fn load_file(&self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {
         let path = self.path(partition);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(cause) => return Err(CheckpointError::Read { path, cause }),
         };
-        let damaged = || CheckpointError::Damaged { path: path.clone() };
+        self.decode(&bytes).map(Some).map_err(|e| match e {
+            Decoded::Damaged => CheckpointError::Damaged { path },
+            Decoded::Incompatible => CheckpointError::Incompatible { path },
+        })
+    }
+
+    /// A checkpoint from the bytes of its file.
+    fn decode(&self, bytes: &[u8]) -> Result<Checkpoint, Decoded> {
         if bytes.len() < 32 || &bytes[..8] != MAGIC {
-            return Err(damaged());
+            return Err(Decoded::Damaged);
         }
-        let word = |at: usize| -> Result<[u8; 8], CheckpointError> {
+        let word = |at: usize| -> Result<[u8; 8], Decoded> {
             bytes
                 .get(at..at + 8)
                 .and_then(|s| s.try_into().ok())
-                .ok_or_else(damaged)
+                .ok_or(Decoded::Damaged)
         };
         if u64::from_le_bytes(word(8)?) != self.fingerprint {
-            return Err(CheckpointError::Incompatible { path });
+            return Err(Decoded::Incompatible);
         }
         let next_offset = i64::from_le_bytes(word(16)?);
         let watermark = i64::from_le_bytes(word(24)?);
-        Ok(Some(Checkpoint {
+        Ok(Checkpoint {
             next_offset,
             watermark: (watermark != i64::MIN).then_some(watermark),
             state: bytes[32..].to_vec(),
-        }))
+        })
+    }
+
+    /// The bytes of a checkpoint's file.
+    fn encode(&self, checkpoint: &Checkpoint) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(32 + checkpoint.state.len());
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&self.fingerprint.to_le_bytes());
+        bytes.extend_from_slice(&checkpoint.next_offset.to_le_bytes());
+        bytes.extend_from_slice(&checkpoint.watermark.unwrap_or(i64::MIN).to_le_bytes());
+        bytes.extend_from_slice(&checkpoint.state);
+        bytes
     }
 
     /// Checks at start-up that checkpoints can be written here, so that a wrong `state.dir`
@@ -171,20 +272,19 @@ impl CheckpointStore {
         let temp = self
             .dir
             .join(format!(".{}-{partition}.ckpt.tmp", self.topic));
+        let bytes = self.encode(checkpoint);
         let mut file = File::create(&temp).map_err(write)?;
-        file.write_all(MAGIC).map_err(write)?;
-        file.write_all(&self.fingerprint.to_le_bytes())
-            .map_err(write)?;
-        file.write_all(&checkpoint.next_offset.to_le_bytes())
-            .map_err(write)?;
-        file.write_all(&checkpoint.watermark.unwrap_or(i64::MIN).to_le_bytes())
-            .map_err(write)?;
-        file.write_all(&checkpoint.state).map_err(write)?;
+        file.write_all(&bytes).map_err(write)?;
         file.sync_all().map_err(write)?;
         fs::rename(&temp, &path).map_err(write)?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(write)?;
+        if let Some(state_topic) = &self.state_topic {
+            state_topic
+                .write(partition, &bytes)
+                .map_err(CheckpointError::Topic)?;
+        }
         Ok(())
     }
 }

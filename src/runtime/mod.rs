@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod encode;
 pub mod outputs;
+pub mod state_topic;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,7 +32,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientContext, Timestamp};
 
-use self::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
+use self::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Origin};
 use self::encode::Encoder;
 use self::outputs::ParquetOutputs;
 use crate::config::{Format, OnLate, Pipeline, StartOffset};
@@ -459,22 +460,21 @@ impl Worker {
         let mut engine = self.shared.engine();
         for &p in partitions {
             match self.store.load(p)? {
-                Some(checkpoint) => {
+                Some((checkpoint, origin)) => {
+                    let from = match (origin, self.store.state_topic()) {
+                        (Origin::StateTopic, Some(topic)) => format!("the state topic `{topic}`"),
+                        _ => self.store.dir().display().to_string(),
+                    };
                     engine.restore_watermark(checkpoint.watermark);
                     engine
                         .restore_partition(p as u32, &checkpoint.state, now)
-                        .with_context(|| {
-                            format!(
-                                "restoring partition {p} from {}",
-                                self.store.dir().display()
-                            )
-                        })?;
+                        .with_context(|| format!("restoring partition {p} from {from}"))?;
                     self.skip_below.insert(p, checkpoint.next_offset);
                     self.rewinds.remove(&p);
                     tracing::info!(
                         partition = p,
                         next_offset = checkpoint.next_offset,
-                        "Restored partition state from its checkpoint."
+                        "Restored partition state from its checkpoint in {from}."
                     );
                     if let Some(&offset) = committed.get(&p)
                         && offset > checkpoint.next_offset
@@ -937,7 +937,14 @@ impl Worker {
                 "Final checkpoint serialised; writing it."
             );
             for (p, checkpoint) in &files {
-                self.store.save(*p, checkpoint)?;
+                match self.store.save(*p, checkpoint) {
+                    Ok(()) => {}
+                    Err(e) if e.is_state_topic() => {
+                        tracing::warn!("{e}; offsets stay uncommitted.");
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
             let offsets: Vec<(i32, i64)> = files.iter().map(|(p, c)| (*p, c.next_offset)).collect();
             return Ok(self.commit(consumer, &offsets, began));
@@ -1068,6 +1075,12 @@ impl Worker {
                 self.commit(consumer, &pending.offsets, pending.began);
                 Ok(())
             }
+            // Kafka unreachable for the state topic: like outputs not yet acknowledged, the
+            // offsets wait for a later checkpoint.
+            Ok(Err(e)) if e.is_state_topic() => {
+                tracing::warn!("{e}; offsets stay uncommitted until a checkpoint is written.");
+                Ok(())
+            }
             Ok(Err(e)) => Err(e.into()),
             Err(_) => Err(anyhow!("the checkpoint writer thread panicked")),
         }
@@ -1195,6 +1208,9 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     if let Some(d) = &pipeline.dead_letter_topic {
         topics.push((d.as_str(), "dead-letter topic"));
     }
+    if let Some(s) = &pipeline.state_topic {
+        topics.push((s.as_str(), "state topic"));
+    }
     let state_dir = options
         .state_dir
         .clone()
@@ -1217,6 +1233,13 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         }
         other => other?,
     }
+    let store = match &pipeline.state_topic {
+        Some(topic) => store.with_state_topic(
+            state_topic::StateTopic::connect(&brokers, &pipeline, topic)
+                .with_context(|| format!("cannot use the state topic `{topic}`"))?,
+        ),
+        None => store,
+    };
 
     let sink_options = pipeline
         .sinks
