@@ -8,6 +8,7 @@
 //! thread and hands the files to a background writer (one checkpoint in flight at a time);
 //! the offsets are committed only after the writer has synced every file.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::hash::{Hash, Hasher};
 use std::io::Write;
@@ -166,36 +167,43 @@ impl CheckpointStore {
         self.dir.join(format!("{}-{partition}.ckpt", self.topic))
     }
 
-    /// The newest checkpoint of `partition`: the state folder's, or the state topic's when
-    /// that one is further on (another instance had the partition since).
-    pub fn load(&self, partition: i32) -> Result<Option<(Checkpoint, Origin)>, CheckpointError> {
-        let from_dir = self.load_file(partition)?;
+    /// The newest checkpoint of each of `partitions` that has one: the state folder's, or the
+    /// state topic's when that one is further on (another instance had the partition since).
+    pub fn load(
+        &self,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, (Checkpoint, Origin)>, CheckpointError> {
+        let mut found = BTreeMap::new();
+        for &p in partitions {
+            if let Some(checkpoint) = self.load_file(p)? {
+                found.insert(p, (checkpoint, Origin::StateDir));
+            }
+        }
         let Some(state_topic) = &self.state_topic else {
-            return Ok(from_dir.map(|c| (c, Origin::StateDir)));
+            return Ok(found);
         };
-        let from_topic = match state_topic
-            .read(partition)
+        for (p, bytes) in state_topic
+            .read(partitions)
             .map_err(CheckpointError::Topic)?
         {
-            Some(bytes) => Some(self.decode(&bytes).map_err(|e| match e {
+            let checkpoint = self.decode(&bytes).map_err(|e| match e {
                 Decoded::Damaged => CheckpointError::DamagedInTopic {
                     topic: state_topic.name().to_string(),
-                    partition,
+                    partition: p,
                 },
                 Decoded::Incompatible => CheckpointError::IncompatibleInTopic {
                     topic: state_topic.name().to_string(),
-                    partition,
+                    partition: p,
                 },
-            })?),
-            None => None,
-        };
-        Ok(match (from_dir, from_topic) {
-            (Some(dir), Some(topic)) if topic.next_offset > dir.next_offset => {
-                Some((topic, Origin::StateTopic))
+            })?;
+            let newer = found
+                .get(&p)
+                .is_none_or(|(dir, _)| checkpoint.next_offset > dir.next_offset);
+            if newer {
+                found.insert(p, (checkpoint, Origin::StateTopic));
             }
-            (Some(dir), _) => Some((dir, Origin::StateDir)),
-            (None, topic) => topic.map(|c| (c, Origin::StateTopic)),
-        })
+        }
+        Ok(found)
     }
 
     fn load_file(&self, partition: i32) -> Result<Option<Checkpoint>, CheckpointError> {

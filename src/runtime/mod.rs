@@ -24,12 +24,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow};
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Timestamp};
 
 use self::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Origin};
@@ -222,15 +225,71 @@ impl ConsumerContext for RunContext {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(list) = rebalance {
-            let partitions: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-            let committed = committed_offsets(consumer, list);
-            let mut worker = self.lock();
-            tracing::info!(?partitions, "Partitions assigned.");
-            if let Err(e) = worker.adopt(&partitions, &committed) {
-                worker.fatal.get_or_insert(e);
+    /// As the client's own handler, except that assigned partitions are restored before they
+    /// are assigned, so that one whose state ends before the group's committed offset starts
+    /// fetching where its state ends (the records between are read again).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        assignment: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions: Vec<i32> = assignment
+                    .elements()
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                let committed = committed_offsets(consumer, assignment);
+                let starts = {
+                    let mut worker = self.lock();
+                    tracing::info!(?partitions, "Partitions assigned.");
+                    match worker.adopt(consumer, &partitions, &committed) {
+                        Ok(starts) => starts,
+                        Err(e) => {
+                            worker.fatal.get_or_insert(e);
+                            BTreeMap::new()
+                        }
+                    }
+                };
+                let topic = self.lock().shared.pipeline.source.kafka.topic.clone();
+                for (p, offset) in starts {
+                    if let Err(e) =
+                        assignment.set_partition_offset(&topic, p, Offset::Offset(offset))
+                    {
+                        tracing::error!("Cannot start partition {p} at offset {offset} ({e}).");
+                    }
+                }
+                if cooperative {
+                    consumer.incremental_assign(assignment)
+                } else {
+                    consumer.assign(assignment)
+                }
             }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(assignment));
+                if cooperative {
+                    consumer.incremental_unassign(assignment)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::error!("Rebalancing failed: {}", RDKafkaErrorCode::from(other));
+                if cooperative {
+                    consumer.incremental_unassign(assignment)
+                } else {
+                    consumer.unassign()
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!("Cannot apply the group's assignment ({e}).");
         }
     }
 }
@@ -259,20 +318,6 @@ fn committed_offsets(
     }
 }
 
-/// A partition to be read again from `to`, the next offset of its restored state.
-#[derive(Debug, Clone, Copy)]
-struct Rewind {
-    to: i64,
-    /// The seek is done: the next record of the partition fetched is `to` (or, if retention
-    /// has deleted that, the oldest the topic still has).
-    sought: bool,
-    since: Instant,
-}
-
-/// How long a partition's seek may be refused (the client still setting the partition up)
-/// before the rewind is given up, with a warning.
-const REWIND_PATIENCE: Duration = Duration::from_secs(30);
-
 /// Everything the processing thread owns besides the consumer.
 struct Worker {
     shared: Arc<Shared>,
@@ -288,9 +333,6 @@ struct Worker {
     positions: BTreeMap<i32, i64>,
     /// Offsets below these are already in restored state and are skipped.
     skip_below: BTreeMap<i32, i64>,
-    /// Partitions whose restored state ends before the group's committed offset (another
-    /// instance processed the records between): they are read again from where it ends.
-    rewinds: BTreeMap<i32, Rewind>,
     last_checkpoint: Instant,
     /// A checkpoint whose files are being written off the consuming thread; its offsets are
     /// committed once they are durable.
@@ -455,11 +497,20 @@ impl Worker {
     /// `committed` holds the group's committed offsets: a partition the group has read before
     /// but with no checkpoint here continues from that offset with empty state, which is said
     /// loudly and counted, since its entities' features restart from nothing.
-    fn adopt(&mut self, partitions: &[i32], committed: &BTreeMap<i32, i64>) -> anyhow::Result<()> {
+    fn adopt(
+        &mut self,
+        consumer: &BaseConsumer<RunContext>,
+        partitions: &[i32],
+        committed: &BTreeMap<i32, i64>,
+    ) -> anyhow::Result<BTreeMap<i32, i64>> {
+        // Read before the engine is locked: look-ups go on meanwhile.
+        let mut checkpoints = self.store.load(partitions)?;
+        let topic = self.shared.pipeline.source.kafka.topic.clone();
+        let mut starts = BTreeMap::new();
         let now = now_ms();
         let mut engine = self.shared.engine();
         for &p in partitions {
-            match self.store.load(p)? {
+            match checkpoints.remove(&p) {
                 Some((checkpoint, origin)) => {
                     let from = match (origin, self.store.state_topic()) {
                         (Origin::StateTopic, Some(topic)) => format!("the state topic `{topic}`"),
@@ -470,34 +521,43 @@ impl Worker {
                         .restore_partition(p as u32, &checkpoint.state, now)
                         .with_context(|| format!("restoring partition {p} from {from}"))?;
                     self.skip_below.insert(p, checkpoint.next_offset);
-                    self.rewinds.remove(&p);
                     tracing::info!(
                         partition = p,
                         next_offset = checkpoint.next_offset,
                         "Restored partition state from its checkpoint in {from}."
                     );
-                    if let Some(&offset) = committed.get(&p)
-                        && offset > checkpoint.next_offset
-                    {
-                        tracing::warn!(
-                            partition = p,
-                            checkpoint_offset = checkpoint.next_offset,
-                            committed_offset = offset,
-                            "Partition {p}'s checkpoint here ends at offset {}, but the group has \
-                             committed {offset}: another instance processed the records between. \
-                             Reading them again so that this state holds them (their feature \
-                             records are sent again).",
-                            checkpoint.next_offset
-                        );
-                        self.rewinds.insert(
-                            p,
-                            Rewind {
-                                to: checkpoint.next_offset,
-                                sought: false,
-                                since: Instant::now(),
-                            },
-                        );
+                    let Some(&offset) = committed.get(&p) else {
+                        continue;
+                    };
+                    if offset <= checkpoint.next_offset {
+                        continue;
                     }
+                    tracing::warn!(
+                        partition = p,
+                        checkpoint_offset = checkpoint.next_offset,
+                        committed_offset = offset,
+                        "Partition {p}'s checkpoint here ends at offset {}, but the group has \
+                         committed {offset}: another instance processed the records between. \
+                         Reading them again so that this state holds them (their feature \
+                         records are sent again).",
+                        checkpoint.next_offset
+                    );
+                    // From where the state ends, or from the oldest record the topic keeps.
+                    let start = match consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    {
+                        Ok((oldest, _)) if oldest > checkpoint.next_offset => {
+                            tracing::warn!(
+                                partition = p,
+                                "Partition {p} is read again from offset {oldest}: the records \
+                                 from {} on are no longer in the topic (retention), so its state \
+                                 lacks them.",
+                                checkpoint.next_offset
+                            );
+                            oldest.min(offset)
+                        }
+                        _ => checkpoint.next_offset,
+                    };
+                    starts.insert(p, start);
                 }
                 None => {
                     engine.assign(p as u32, now);
@@ -510,8 +570,9 @@ impl Worker {
                                 "Partition {p} has no checkpoint here, but the group has read it \
                                  before (committed offset {offset}): it continues from there with \
                                  empty state, so its entities' features restart from nothing. \
-                                 Give every instance of the group the same state.dir to keep \
-                                 them, or start a new group_id to rebuild them from the topic."
+                                 Give every instance of the group the same state.dir, or a state \
+                                 topic (state.topic), to keep them; or start a new group_id to \
+                                 rebuild them from the input topic."
                             );
                             metrics::counter!(telemetry::PARTITIONS_WITHOUT_STATE, "pipeline" => self.pipeline().name.clone())
                                 .increment(1);
@@ -526,7 +587,7 @@ impl Worker {
             }
         }
         self.shared.ready.store(true, Ordering::Relaxed);
-        Ok(())
+        Ok(starts)
     }
 
     /// Drops revoked partitions (after their checkpoint).
@@ -539,7 +600,6 @@ impl Worker {
             engine.revoke(p as u32);
             self.positions.remove(&p);
             self.skip_below.remove(&p);
-            self.rewinds.remove(&p);
         }
     }
 
@@ -629,69 +689,6 @@ impl Worker {
             .fetch_add(1, Ordering::Relaxed);
         metrics::counter!(telemetry::EVENTS_DEAD_LETTERED, "pipeline" => self.pipeline().name.clone(), "reason" => reason).increment(1);
         Ok(())
-    }
-
-    /// Moves partitions to be read again back to where their state ends, and drops from
-    /// `batch` their records fetched before that. The seek is asked for as soon as the client
-    /// takes it (right after the assignment, whether or not records arrive); the partition's
-    /// first record fetched after it ends the rewind.
-    fn rewind(
-        &mut self,
-        consumer: &BaseConsumer<RunContext>,
-        batch: &mut Vec<BorrowedMessage<'_>>,
-    ) {
-        if self.rewinds.is_empty() {
-            return;
-        }
-        let topic = &self.shared.pipeline.source.kafka.topic;
-        let mut sought_now: Vec<i32> = Vec::new();
-        self.rewinds.retain(|&p, rewind| {
-            if rewind.sought {
-                return true;
-            }
-            match consumer.seek(topic, p, Offset::Offset(rewind.to), Duration::from_secs(2)) {
-                Ok(()) => {
-                    rewind.sought = true;
-                    sought_now.push(p);
-                    true
-                }
-                // A partition just assigned may not take a seek yet: asked again next time.
-                Err(e) if rewind.since.elapsed() < REWIND_PATIENCE => {
-                    tracing::debug!(partition = p, "Seek not taken yet ({e}).");
-                    true
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        partition = p,
-                        "Cannot move partition {p} back to offset {} ({e}): its state lacks the \
-                         records from there to the group's committed offset.",
-                        rewind.to
-                    );
-                    false
-                }
-            }
-        });
-        batch.retain(|message| {
-            let p = message.partition();
-            let Some(rewind) = self.rewinds.get(&p) else {
-                return true;
-            };
-            // Fetched before the seek: it comes again after it.
-            if !rewind.sought || sought_now.contains(&p) {
-                return false;
-            }
-            let offset = message.offset();
-            if offset > rewind.to {
-                tracing::warn!(
-                    partition = p,
-                    "Partition {p} is read again from offset {offset}: the records from {} on \
-                     are no longer in the topic (retention), so its state lacks them.",
-                    rewind.to
-                );
-            }
-            self.rewinds.remove(&p);
-            true
-        });
     }
 
     /// Processes a batch of records. Returns how many were consumed.
@@ -1285,7 +1282,6 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         parquet: ParquetOutputs::new(&pipeline, options.parquet_dir.as_deref()),
         positions: BTreeMap::new(),
         skip_below: BTreeMap::new(),
-        rewinds: BTreeMap::new(),
         last_checkpoint: Instant::now(),
         pending: None,
         capturing: None,
@@ -1370,7 +1366,6 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         if let Some(e) = w.fatal.take() {
             break Err(e);
         }
-        w.rewind(&consumer, &mut batch);
         match w.process(&batch) {
             Ok(n) => total += n,
             Err(e) => break Err(e),

@@ -3,20 +3,23 @@
 //! was written to (another machine, a container with a volume of its own).
 //!
 //! A checkpoint travels as the bytes of its file, cut into chunks well under Kafka's default
-//! record size limit. Chunk `i` of input partition `p` is keyed
-//! `<pipeline>/<group>/<input topic>-<p>/<i>` and goes to partition `p mod n` of the state
-//! topic (any partition count works, one included); its headers name the checkpoint, the
-//! chunk count and a hash of the whole. Keys repeat from one checkpoint to the next, so a
-//! compacted topic keeps about one checkpoint per partition. A reader takes the newest
-//! checkpoint whose chunks all follow one another in order and whose hash matches: a
-//! checkpoint cut short by a crash, or chunks interleaved with another writer's, is passed
-//! over for the one before.
+//! record size limit, in partition `p mod n` of the state topic for input partition `p` (any
+//! partition count works, one included). Keys start with `<pipeline>/<group>/<input topic>-<p>/`
+//! (pipeline names and topic names hold no `/`). Chunks are keyed `<id>/<index>` after it, so
+//! no chunk ever replaces another's; once they are all acknowledged, a manifest keyed
+//! `manifest` names the checkpoint id, its chunk count, length and CRC-32C, and then the
+//! previous checkpoint's chunks are deleted (tombstones). A compacted topic so keeps one
+//! checkpoint per partition, and a checkpoint cut short by a crash never costs the one before
+//! it: a reader takes the checkpoint of the newest manifest whose chunks it found in order and
+//! whose length and CRC match.
 
-use std::hash::Hasher;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -30,9 +33,11 @@ const CHUNK_BYTES: usize = 512 * 1024;
 const ID_HEADER: &str = "featurestream.checkpoint";
 const INDEX_HEADER: &str = "featurestream.chunk";
 const COUNT_HEADER: &str = "featurestream.chunks";
-const HASH_HEADER: &str = "featurestream.hash";
-/// How long writing one checkpoint, or reading the topic for one partition, may take.
-const DEADLINE: Duration = Duration::from_secs(120);
+const LENGTH_HEADER: &str = "featurestream.bytes";
+const CRC_HEADER: &str = "featurestream.crc32c";
+const MANIFEST: &str = "manifest";
+/// How long writing one checkpoint, or reading the topic at an assignment, may take.
+const DEADLINE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateTopicError {
@@ -44,12 +49,17 @@ pub enum StateTopicError {
         partition: i32,
         cause: String,
     },
-    #[error("cannot read the state topic `{topic}` for partition {partition}: {cause}")]
-    Read {
-        topic: String,
-        partition: i32,
-        cause: String,
-    },
+    #[error("cannot read the state topic `{topic}`: {cause}")]
+    Read { topic: String, cause: String },
+}
+
+/// The checkpoint a manifest names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Manifest {
+    id: String,
+    chunks: usize,
+    length: usize,
+    crc: u32,
 }
 
 pub struct StateTopic {
@@ -60,6 +70,9 @@ pub struct StateTopic {
     brokers: String,
     options: KafkaOptions,
     producer: ThreadedProducer<DeliveryContext>,
+    /// The newest checkpoint of each partition in the topic, read or written by this
+    /// instance: its chunks are deleted once a newer one is complete.
+    newest: Mutex<HashMap<i32, Manifest>>,
 }
 
 impl std::fmt::Debug for StateTopic {
@@ -71,22 +84,22 @@ impl std::fmt::Debug for StateTopic {
     }
 }
 
-fn hash_of(bytes: &[u8]) -> u64 {
-    let mut h = rustc_hash::FxHasher::default();
-    h.write(bytes);
-    h.write_usize(bytes.len());
-    h.finish()
-}
-
 /// A checkpoint id that differs between writers and between checkpoints of one writer.
-fn new_checkpoint_id() -> u64 {
+fn new_checkpoint_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut h = rustc_hash::FxHasher::default();
-    h.write_u64(nanos);
-    h.write_u32(std::process::id());
-    h.finish()
+        .map_or(0, |d| d.as_nanos());
+    format!("{nanos:x}-{:x}", std::process::id())
+}
+
+fn header<'a>(
+    headers: Option<&'a rdkafka::message::BorrowedHeaders>,
+    name: &str,
+) -> Option<&'a str> {
+    headers?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
 }
 
 impl StateTopic {
@@ -128,6 +141,7 @@ impl StateTopic {
             brokers: brokers.to_string(),
             options,
             producer,
+            newest: Mutex::new(HashMap::new()),
         })
     }
 
@@ -143,31 +157,78 @@ impl StateTopic {
         partition.rem_euclid(self.partitions)
     }
 
-    /// Writes one checkpoint (the bytes of its file) and waits until Kafka has acknowledged
-    /// every chunk of it.
+    /// Queues one record, waiting while the producer's queue is full.
+    fn send(&self, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), String> {
+        let started = Instant::now();
+        let mut record = record;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if started.elapsed() < DEADLINE =>
+                {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Waits until everything queued is acknowledged; an error names what was refused since
+    /// the count stood at `failed_before`.
+    fn acknowledged(&self, failed_before: u64) -> Result<(), String> {
+        let context = self.producer.context();
+        self.producer
+            .flush(DEADLINE)
+            .map_err(|e| format!("not acknowledged ({e})"))?;
+        let failed = context.failed.load(Ordering::Relaxed) - failed_before;
+        if failed > 0 {
+            let first = context
+                .first_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_default();
+            return Err(format!("{failed} records were refused (first: {first})"));
+        }
+        Ok(())
+    }
+
+    /// Writes one checkpoint (the bytes of its file), waits until Kafka has acknowledged it,
+    /// then deletes the partition's previous one.
     pub fn write(&self, partition: i32, bytes: &[u8]) -> Result<(), StateTopicError> {
         let fail = |cause: String| StateTopicError::Write {
             topic: self.topic.clone(),
             partition,
             cause,
         };
-        let failed_before = self.producer.context().failed.load(Ordering::Relaxed);
-        let id = format!("{:016x}", new_checkpoint_id());
-        let hash = format!("{:016x}", hash_of(bytes));
-        let chunks: Vec<&[u8]> = if bytes.is_empty() {
-            vec![bytes]
-        } else {
-            bytes.chunks(CHUNK_BYTES).collect()
+        // Refusals counted before this checkpoint are not its own.
+        let context = self.producer.context();
+        let failed_before = context.failed.load(Ordering::Relaxed);
+        context
+            .first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let manifest = Manifest {
+            id: new_checkpoint_id(),
+            chunks: bytes.len().div_ceil(CHUNK_BYTES).max(1),
+            length: bytes.len(),
+            crc: crc32c(bytes),
         };
-        let count = chunks.len().to_string();
         let prefix = self.key_prefix_of(partition);
-        for (index, chunk) in chunks.iter().enumerate() {
-            let key = format!("{prefix}{index}");
+        let to = self.state_partition(partition);
+        let count = manifest.chunks.to_string();
+        for index in 0..manifest.chunks {
+            let chunk = &bytes[(index * CHUNK_BYTES).min(bytes.len())
+                ..((index + 1) * CHUNK_BYTES).min(bytes.len())];
+            let key = format!("{prefix}{}/{index}", manifest.id);
             let index = index.to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: ID_HEADER,
-                    value: Some(id.as_str()),
+                    value: Some(manifest.id.as_str()),
                 })
                 .insert(Header {
                     key: INDEX_HEADER,
@@ -176,139 +237,199 @@ impl StateTopic {
                 .insert(Header {
                     key: COUNT_HEADER,
                     value: Some(count.as_str()),
-                })
-                .insert(Header {
-                    key: HASH_HEADER,
-                    value: Some(hash.as_str()),
                 });
-            let mut record = BaseRecord::to(&self.topic)
-                .partition(self.state_partition(partition))
-                .key(key.as_bytes())
-                .payload(*chunk)
-                .headers(headers);
-            let started = Instant::now();
-            loop {
-                match self.producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, back)) if started.elapsed() < DEADLINE => {
-                        tracing::debug!("State topic queue full ({e}); waiting.");
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err((e, _)) => return Err(fail(e.to_string())),
-                }
-            }
+            self.send(
+                BaseRecord::to(&self.topic)
+                    .partition(to)
+                    .key(key.as_bytes())
+                    .payload(chunk)
+                    .headers(headers),
+            )
+            .map_err(fail)?;
         }
-        self.producer
-            .flush(DEADLINE)
-            .map_err(|e| fail(format!("not acknowledged ({e})")))?;
-        let failed = self.producer.context().failed.load(Ordering::Relaxed) - failed_before;
-        if failed > 0 {
-            let first = self
-                .producer
-                .context()
-                .first_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_default();
-            return Err(fail(format!(
-                "{failed} chunks were refused (first: {first})"
-            )));
+        self.acknowledged(failed_before).map_err(fail)?;
+        let (length, crc) = (manifest.length.to_string(), manifest.crc.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: ID_HEADER,
+                value: Some(manifest.id.as_str()),
+            })
+            .insert(Header {
+                key: COUNT_HEADER,
+                value: Some(count.as_str()),
+            })
+            .insert(Header {
+                key: LENGTH_HEADER,
+                value: Some(length.as_str()),
+            })
+            .insert(Header {
+                key: CRC_HEADER,
+                value: Some(crc.as_str()),
+            });
+        let key = format!("{prefix}{MANIFEST}");
+        let text = format!(
+            "featurestream checkpoint {} of partition {partition}: {} chunks, {} bytes",
+            manifest.id, manifest.chunks, manifest.length
+        );
+        self.send(
+            BaseRecord::to(&self.topic)
+                .partition(to)
+                .key(key.as_bytes())
+                .payload(text.as_bytes())
+                .headers(headers),
+        )
+        .map_err(fail)?;
+        self.acknowledged(failed_before).map_err(fail)?;
+        let previous = self
+            .newest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(partition, manifest);
+        if let Some(previous) = previous {
+            self.delete(partition, &previous);
+            // Settled here, so that a refused deletion is not taken for the next checkpoint's.
+            if let Err(e) = self.acknowledged(context.failed.load(Ordering::Relaxed)) {
+                tracing::debug!("Old checkpoint chunks not deleted ({e}).");
+            }
         }
         Ok(())
     }
 
-    /// The newest complete checkpoint of `partition` in the topic (the bytes of its file), if
-    /// there is one.
-    pub fn read(&self, partition: i32) -> Result<Option<Vec<u8>>, StateTopicError> {
+    /// Tombstones for a checkpoint that a newer one has replaced. Best effort: chunks left
+    /// behind only take space.
+    fn delete(&self, partition: i32, old: &Manifest) {
+        let prefix = self.key_prefix_of(partition);
+        for index in 0..old.chunks {
+            let key = format!("{prefix}{}/{index}", old.id);
+            let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic)
+                .partition(self.state_partition(partition))
+                .key(key.as_bytes());
+            if let Err(e) = self.send(record) {
+                tracing::debug!("Cannot delete an old checkpoint chunk ({e}).");
+                return;
+            }
+        }
+    }
+
+    /// The newest complete checkpoint (the bytes of its file) of each of `partitions` that
+    /// has one in the topic. Each state-topic partition is read once, to its end.
+    pub fn read(&self, partitions: &[i32]) -> Result<BTreeMap<i32, Vec<u8>>, StateTopicError> {
         let fail = |cause: String| StateTopicError::Read {
             topic: self.topic.clone(),
-            partition,
             cause,
         };
+        let mut by_state_partition: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+        for &p in partitions {
+            by_state_partition
+                .entry(self.state_partition(p))
+                .or_default()
+                .push(p);
+        }
+        let mut found = BTreeMap::new();
+        for (state_partition, inputs) in by_state_partition {
+            let mut assemblers: Vec<(i32, Assembler)> = inputs
+                .iter()
+                .map(|&p| (p, Assembler::new(self.key_prefix_of(p))))
+                .collect();
+            self.scan(state_partition, |key, headers, payload| {
+                for (_, assembler) in &mut assemblers {
+                    assembler.push(key, headers, payload);
+                }
+            })
+            .map_err(fail)?;
+            for (p, assembler) in assemblers {
+                if let Some((manifest, bytes)) = assembler.finish() {
+                    self.newest
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(p, manifest);
+                    found.insert(p, bytes);
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Reads one partition of the topic from its start to its end.
+    fn scan(
+        &self,
+        state_partition: i32,
+        mut visit: impl FnMut(&[u8], Option<&rdkafka::message::BorrowedHeaders>, Option<&[u8]>),
+    ) -> Result<(), String> {
         let consumer: BaseConsumer<LoggingContext> = client_config(
             &self.brokers,
             &[
                 ("group.id", "featurestream-state-reader"),
                 ("enable.auto.commit", "false"),
                 ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "true"),
             ],
             &self.options,
         )
         .create_with_context(LoggingContext::default())
-        .map_err(|e| fail(e.to_string()))?;
-        let state_partition = self.state_partition(partition);
+        .map_err(|e| e.to_string())?;
         let (low, high) = consumer
             .fetch_watermarks(&self.topic, state_partition, Duration::from_secs(10))
-            .map_err(|e| fail(e.to_string()))?;
-        let mut assembler = Assembler::new(self.key_prefix_of(partition));
+            .map_err(|e| e.to_string())?;
         if high <= low {
-            return Ok(None);
+            return Ok(());
         }
         let mut list = TopicPartitionList::new();
-        list.add_partition_offset(&self.topic, state_partition, Offset::Offset(low))
-            .map_err(|e| fail(e.to_string()))?;
-        consumer.assign(&list).map_err(|e| fail(e.to_string()))?;
+        list.add_partition_offset(&self.topic, state_partition, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+        consumer.assign(&list).map_err(|e| e.to_string())?;
         let started = Instant::now();
         loop {
             if started.elapsed() > DEADLINE {
-                return Err(fail(format!(
+                return Err(format!(
                     "not read to its end within {} s",
                     DEADLINE.as_secs()
-                )));
+                ));
             }
-            let Some(result) = consumer.poll(Duration::from_millis(500)) else {
-                continue;
-            };
-            let message = result.map_err(|e| fail(e.to_string()))?;
-            let header = |name: &str| {
-                message.headers().and_then(|headers| {
-                    headers
-                        .iter()
-                        .find(|h| h.key == name)
-                        .and_then(|h| std::str::from_utf8(h.value?).ok())
-                        .map(str::to_string)
-                })
-            };
-            let chunk = Chunk {
-                key: message.key().unwrap_or_default(),
-                id: header(ID_HEADER),
-                index: header(INDEX_HEADER).and_then(|v| v.parse().ok()),
-                count: header(COUNT_HEADER).and_then(|v| v.parse().ok()),
-                hash: header(HASH_HEADER),
-                payload: message.payload().unwrap_or_default(),
-            };
-            assembler.push(&chunk);
-            if message.offset() >= high - 1 {
-                return Ok(assembler.finish());
+            match consumer.poll(Duration::from_millis(500)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(message)) => {
+                    visit(
+                        message.key().unwrap_or_default(),
+                        message.headers(),
+                        message.payload(),
+                    );
+                    // Records written after the read began need not be waited for.
+                    if message.offset() >= high - 1 {
+                        return Ok(());
+                    }
+                }
             }
         }
     }
 }
 
-/// One record of the state topic as the reader sees it.
-struct Chunk<'a> {
-    key: &'a [u8],
-    id: Option<String>,
-    index: Option<usize>,
-    count: Option<usize>,
-    hash: Option<String>,
-    payload: &'a [u8],
+/// CRC-32C (Castagnoli) of `bytes`: a checksum with a fixed definition, so that any build can
+/// check any other's checkpoint.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
 }
 
-/// Puts one partition's checkpoints back together from the records of its state-topic
+/// Puts one input partition's checkpoints back together from the records of its state-topic
 /// partition, in offset order, keeping the newest complete one.
 struct Assembler {
     key_prefix: String,
-    partial: Option<Partial>,
-    complete: Option<Vec<u8>>,
+    /// Checkpoints whose chunks are arriving, by id.
+    partial: HashMap<String, Partial>,
+    complete: Option<(Manifest, Vec<u8>)>,
 }
 
 struct Partial {
-    id: String,
-    count: usize,
-    hash: String,
     next: usize,
     bytes: Vec<u8>,
 }
@@ -317,56 +438,80 @@ impl Assembler {
     fn new(key_prefix: String) -> Assembler {
         Assembler {
             key_prefix,
-            partial: None,
+            partial: HashMap::new(),
             complete: None,
         }
     }
 
-    fn push(&mut self, chunk: &Chunk<'_>) {
-        // Other partitions, pipelines or groups sharing the topic partition.
-        let Some(rest) = chunk.key.strip_prefix(self.key_prefix.as_bytes()) else {
+    fn push(
+        &mut self,
+        key: &[u8],
+        headers: Option<&rdkafka::message::BorrowedHeaders>,
+        payload: Option<&[u8]>,
+    ) {
+        let Some(rest) = key.strip_prefix(self.key_prefix.as_bytes()) else {
+            return; // another partition, pipeline or group sharing the topic partition
+        };
+        let Some(payload) = payload else {
+            return; // a deleted chunk
+        };
+        let id = header(headers, ID_HEADER).map(str::to_string);
+        let count = header(headers, COUNT_HEADER).and_then(|v| v.parse().ok());
+        if rest == MANIFEST.as_bytes() {
+            let length = header(headers, LENGTH_HEADER).and_then(|v| v.parse().ok());
+            let crc = header(headers, CRC_HEADER).and_then(|v| v.parse().ok());
+            if let (Some(id), Some(chunks), Some(length), Some(crc)) = (id, count, length, crc) {
+                self.manifest(Manifest {
+                    id,
+                    chunks,
+                    length,
+                    crc,
+                });
+            }
+            return;
+        }
+        let index = header(headers, INDEX_HEADER).and_then(|v| v.parse::<usize>().ok());
+        let (Some(id), Some(index)) = (id, index) else {
             return;
         };
-        let (Some(id), Some(index), Some(count), Some(hash)) =
-            (&chunk.id, chunk.index, chunk.count, &chunk.hash)
-        else {
-            return;
-        };
-        if rest != index.to_string().as_bytes() {
+        if rest != format!("{id}/{index}").as_bytes() {
             return;
         }
         if index == 0 {
-            self.partial = Some(Partial {
-                id: id.clone(),
-                count,
-                hash: hash.clone(),
-                next: 0,
-                bytes: Vec::new(),
-            });
+            self.partial.insert(
+                id.clone(),
+                Partial {
+                    next: 0,
+                    bytes: Vec::new(),
+                },
+            );
         }
-        let continues = self
-            .partial
-            .as_ref()
-            .is_some_and(|p| p.id == *id && p.next == index && p.count == count);
-        if !continues {
-            // A chunk out of sequence: whatever was being assembled is incomplete.
-            self.partial = None;
-            return;
-        }
-        let Some(partial) = self.partial.as_mut() else {
-            return;
-        };
-        partial.bytes.extend_from_slice(chunk.payload);
-        partial.next += 1;
-        if partial.next == partial.count
-            && let Some(done) = self.partial.take()
-            && format!("{:016x}", hash_of(&done.bytes)) == done.hash
-        {
-            self.complete = Some(done.bytes);
+        match self.partial.get_mut(&id) {
+            Some(partial) if partial.next == index => {
+                partial.bytes.extend_from_slice(payload);
+                partial.next += 1;
+            }
+            // Out of order: that checkpoint cannot be put together.
+            _ => {
+                self.partial.remove(&id);
+            }
         }
     }
 
-    fn finish(self) -> Option<Vec<u8>> {
+    /// A manifest completes its checkpoint; checkpoints begun before it are older (or were
+    /// cut short) and are dropped.
+    fn manifest(&mut self, manifest: Manifest) {
+        if let Some(partial) = self.partial.remove(&manifest.id)
+            && partial.next == manifest.chunks
+            && partial.bytes.len() == manifest.length
+            && crc32c(&partial.bytes) == manifest.crc
+        {
+            self.complete = Some((manifest, partial.bytes));
+        }
+        self.partial.clear();
+    }
+
+    fn finish(self) -> Option<(Manifest, Vec<u8>)> {
         self.complete
     }
 }
@@ -374,101 +519,136 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::message::{BorrowedHeaders, ToBytes};
 
     const PREFIX: &str = "p/g/in-0/";
 
-    /// A record as written: key, checkpoint id, chunk index and count, hash, payload.
+    /// A record of the state topic: key, headers, payload (`None`: a tombstone).
     #[derive(Clone)]
     struct Stored {
         key: String,
-        id: String,
-        index: usize,
-        count: usize,
-        hash: String,
-        payload: Vec<u8>,
+        headers: Vec<(&'static str, String)>,
+        payload: Option<Vec<u8>>,
     }
 
-    fn chunks_of(id: &str, bytes: &[u8], size: usize) -> Vec<Stored> {
+    /// The records `StateTopic::write` produces for `bytes` in chunks of `size`.
+    fn written(prefix: &str, id: &str, bytes: &[u8], size: usize) -> Vec<Stored> {
         let parts: Vec<&[u8]> = bytes.chunks(size).collect();
-        let hash = format!("{:016x}", hash_of(bytes));
-        parts
+        let mut out: Vec<Stored> = parts
             .iter()
             .enumerate()
             .map(|(i, part)| Stored {
-                key: format!("{PREFIX}{i}"),
-                id: id.to_string(),
-                index: i,
-                count: parts.len(),
-                hash: hash.clone(),
-                payload: part.to_vec(),
+                key: format!("{prefix}{id}/{i}"),
+                headers: vec![
+                    (ID_HEADER, id.to_string()),
+                    (INDEX_HEADER, i.to_string()),
+                    (COUNT_HEADER, parts.len().to_string()),
+                ],
+                payload: Some(part.to_vec()),
             })
-            .collect()
+            .collect();
+        out.push(Stored {
+            key: format!("{prefix}{MANIFEST}"),
+            headers: vec![
+                (ID_HEADER, id.to_string()),
+                (COUNT_HEADER, parts.len().to_string()),
+                (LENGTH_HEADER, bytes.len().to_string()),
+                (CRC_HEADER, crc32c(bytes).to_string()),
+            ],
+            payload: Some(b"manifest".to_vec()),
+        });
+        out
     }
 
     fn assemble(records: &[Stored]) -> Option<Vec<u8>> {
         let mut assembler = Assembler::new(PREFIX.to_string());
         for r in records {
-            assembler.push(&Chunk {
-                key: r.key.as_bytes(),
-                id: Some(r.id.clone()),
-                index: Some(r.index),
-                count: Some(r.count),
-                hash: Some(r.hash.clone()),
-                payload: &r.payload,
-            });
+            let mut owned = OwnedHeaders::new();
+            for (k, v) in &r.headers {
+                owned = owned.insert(Header {
+                    key: k,
+                    value: Some(v.to_bytes()),
+                });
+            }
+            let borrowed: &BorrowedHeaders = owned.as_borrowed();
+            assembler.push(r.key.as_bytes(), Some(borrowed), r.payload.as_deref());
         }
-        assembler.finish()
+        assembler.finish().map(|(_, bytes)| bytes)
+    }
+
+    #[test]
+    fn crc32c_is_the_standard_one() {
+        // The check value of CRC-32C (iSCSI).
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
     }
 
     #[test]
     fn the_newest_complete_checkpoint_is_read() {
         let first: Vec<u8> = (0..100u8).collect();
         let second: Vec<u8> = (0..250u8).rev().collect();
-        let mut records = chunks_of("a", &first, 30);
-        records.extend(chunks_of("b", &second, 30));
+        let mut records = written(PREFIX, "a", &first, 30);
+        records.extend(written(PREFIX, "b", &second, 30));
         assert_eq!(assemble(&records), Some(second.clone()));
-        assert_eq!(assemble(&chunks_of("a", &first, 1000)), Some(first.clone()));
+        assert_eq!(
+            assemble(&written(PREFIX, "a", &first, 1000)),
+            Some(first.clone())
+        );
         assert_eq!(assemble(&[]), None);
     }
 
     #[test]
-    fn a_checkpoint_cut_short_or_interleaved_is_passed_over() {
+    fn a_checkpoint_cut_short_never_costs_the_one_before() {
         let first: Vec<u8> = (0..100u8).collect();
         let second: Vec<u8> = (100..200u8).collect();
-        // Cut short by a crash: the one before stands.
-        let mut records = chunks_of("a", &first, 30);
-        let cut = chunks_of("b", &second, 30);
-        records.extend_from_slice(&cut[..2]);
+        // Cut short by a crash before its manifest, or in its chunks.
+        let mut records = written(PREFIX, "a", &first, 30);
+        let cut = written(PREFIX, "b", &second, 30);
+        records.extend_from_slice(&cut[..cut.len() - 1]);
         assert_eq!(assemble(&records), Some(first.clone()));
-        // Another writer's chunks in between: neither is complete in order.
-        let mut mixed = Vec::new();
-        for (x, y) in chunks_of("a", &first, 30)
-            .into_iter()
-            .zip(chunks_of("b", &second, 30))
-        {
-            mixed.push(x);
-            mixed.push(y);
+        records.truncate(records.len() - 2);
+        assert_eq!(assemble(&records), Some(first.clone()));
+        // Compacted afterwards: every record keeps its key, the first checkpoint is whole.
+        let mut compacted = written(PREFIX, "a", &first, 30);
+        compacted.extend_from_slice(&cut[..2]);
+        compacted.retain(|r| !r.key.ends_with(MANIFEST));
+        compacted.extend(written(PREFIX, "a", &first, 30).pop());
+        assert_eq!(assemble(&compacted), Some(first.clone()));
+        // A manifest whose chunks changed or went missing names nothing usable.
+        let mut damaged = written(PREFIX, "a", &first, 30);
+        if let Some(payload) = damaged[1].payload.as_mut() {
+            payload[0] ^= 1;
         }
-        assert_eq!(assemble(&mixed), None);
-        // A chunk whose bytes changed fails the hash.
-        let mut damaged = chunks_of("a", &first, 30);
-        damaged[1].payload[0] ^= 1;
         assert_eq!(assemble(&damaged), None);
+        let mut deleted = written(PREFIX, "a", &first, 30);
+        deleted[2].payload = None;
+        assert_eq!(assemble(&deleted), None);
     }
 
     #[test]
-    fn other_partitions_and_pipelines_in_the_topic_partition_are_ignored() {
+    fn deleted_old_chunks_and_other_partitions_are_passed_over() {
         let mine: Vec<u8> = (0..90u8).collect();
+        let newer: Vec<u8> = (10..95u8).collect();
         let theirs: Vec<u8> = (0..50u8).collect();
         let mut records = Vec::new();
-        for (x, mut y) in chunks_of("a", &mine, 30)
-            .into_iter()
-            .zip(chunks_of("z", &theirs, 17))
+        // Interleaved with another input partition's checkpoint (`in-10/` is not `in-0/`).
+        for (x, y) in
+            written(PREFIX, "a", &mine, 30)
+                .into_iter()
+                .zip(written("p/g/in-10/", "z", &theirs, 17))
         {
-            y.key = y.key.replace("in-0/", "in-10/");
             records.push(y);
             records.push(x);
         }
-        assert_eq!(assemble(&records), Some(mine));
+        assert_eq!(assemble(&records), Some(mine.clone()));
+        // A newer one, then tombstones for the older one's chunks.
+        records.extend(written(PREFIX, "b", &newer, 30));
+        for i in 0..3 {
+            records.push(Stored {
+                key: format!("{PREFIX}a/{i}"),
+                headers: Vec::new(),
+                payload: None,
+            });
+        }
+        assert_eq!(assemble(&records), Some(newer));
     }
 }
