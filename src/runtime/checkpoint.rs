@@ -10,7 +10,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -108,8 +107,7 @@ impl CheckpointError {
 /// Identifies what the state means: any change to features, windows, schema or time rules
 /// makes old state unusable.
 fn fingerprint(pipeline: &Pipeline) -> u64 {
-    let mut h = rustc_hash::FxHasher::default();
-    format!(
+    let definition = format!(
         "{:?}|{:?}|{}|{}|{}|{:?}|{:?}",
         pipeline.features,
         pipeline.source.schema,
@@ -118,9 +116,12 @@ fn fingerprint(pipeline: &Pipeline) -> u64 {
         pipeline.source.allowed_lateness_ms,
         pipeline.entity_ttl_ms,
         pipeline.emit()
-    )
-    .hash(&mut h);
-    h.finish()
+    );
+    // FNV-1a: a hash with a fixed definition, so that every build (and machine) that reads
+    // the same pipeline file computes the same fingerprint.
+    definition.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl CheckpointStore {
@@ -175,8 +176,18 @@ impl CheckpointStore {
     ) -> Result<BTreeMap<i32, (Checkpoint, Origin)>, CheckpointError> {
         let mut found = BTreeMap::new();
         for &p in partitions {
-            if let Some(checkpoint) = self.load_file(p)? {
-                found.insert(p, (checkpoint, Origin::StateDir));
+            match self.load_file(p) {
+                Ok(Some(checkpoint)) => {
+                    found.insert(p, (checkpoint, Origin::StateDir));
+                }
+                Ok(None) => {}
+                // With a state topic, a file that cannot be read is not the only copy.
+                Err(e @ (CheckpointError::Damaged { .. } | CheckpointError::Read { .. }))
+                    if self.state_topic.is_some() =>
+                {
+                    tracing::warn!("{e}; using the state topic's checkpoint instead.");
+                }
+                Err(e) => return Err(e),
             }
         }
         let Some(state_topic) = &self.state_topic else {
@@ -186,7 +197,7 @@ impl CheckpointStore {
             .read(partitions)
             .map_err(CheckpointError::Topic)?
         {
-            let checkpoint = self.decode(&bytes).map_err(|e| match e {
+            let checkpoint = self.decode(bytes).map_err(|e| match e {
                 Decoded::Damaged => CheckpointError::DamagedInTopic {
                     topic: state_topic.name().to_string(),
                     partition: p,
@@ -213,14 +224,14 @@ impl CheckpointStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(cause) => return Err(CheckpointError::Read { path, cause }),
         };
-        self.decode(&bytes).map(Some).map_err(|e| match e {
+        self.decode(bytes).map(Some).map_err(|e| match e {
             Decoded::Damaged => CheckpointError::Damaged { path },
             Decoded::Incompatible => CheckpointError::Incompatible { path },
         })
     }
 
     /// A checkpoint from the bytes of its file.
-    fn decode(&self, bytes: &[u8]) -> Result<Checkpoint, Decoded> {
+    fn decode(&self, mut bytes: Vec<u8>) -> Result<Checkpoint, Decoded> {
         if bytes.len() < 32 || &bytes[..8] != MAGIC {
             return Err(Decoded::Damaged);
         }
@@ -235,10 +246,12 @@ impl CheckpointStore {
         }
         let next_offset = i64::from_le_bytes(word(16)?);
         let watermark = i64::from_le_bytes(word(24)?);
+        // The state is the rest: moved down in place rather than copied.
+        bytes.drain(..32);
         Ok(Checkpoint {
             next_offset,
             watermark: (watermark != i64::MIN).then_some(watermark),
-            state: bytes[32..].to_vec(),
+            state: bytes,
         })
     }
 

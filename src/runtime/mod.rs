@@ -214,6 +214,17 @@ impl ConsumerContext for RunContext {
             if worker.closing {
                 return;
             }
+            // Lost rather than handed over (the member was too slow or cut off): another
+            // member may own them already, and a checkpoint now could overwrite its newer one.
+            if consumer.assignment_lost() {
+                tracing::warn!(
+                    ?partitions,
+                    "Partitions lost to the group; dropping them without a checkpoint (their \
+                     records since the last one are read again by their new owner)."
+                );
+                worker.release(&partitions);
+                return;
+            }
             tracing::info!(
                 ?partitions,
                 "Partitions revoked; checkpointing them before they move."
@@ -526,36 +537,34 @@ impl Worker {
                         next_offset = checkpoint.next_offset,
                         "Restored partition state from its checkpoint in {from}."
                     );
-                    let Some(&offset) = committed.get(&p) else {
-                        continue;
-                    };
-                    if offset <= checkpoint.next_offset {
-                        continue;
+                    // Fetching starts where the state ends (whatever the group committed),
+                    // or at the oldest record the topic keeps if retention deleted that one.
+                    let ends = checkpoint.next_offset;
+                    if let Some(&offset) = committed.get(&p)
+                        && offset > ends
+                    {
+                        tracing::warn!(
+                            partition = p,
+                            checkpoint_offset = ends,
+                            committed_offset = offset,
+                            "Partition {p}'s checkpoint here ends at offset {ends}, but the group \
+                             has committed {offset}: another instance processed the records \
+                             between. Reading them again so that this state holds them (their \
+                             feature records are sent again)."
+                        );
                     }
-                    tracing::warn!(
-                        partition = p,
-                        checkpoint_offset = checkpoint.next_offset,
-                        committed_offset = offset,
-                        "Partition {p}'s checkpoint here ends at offset {}, but the group has \
-                         committed {offset}: another instance processed the records between. \
-                         Reading them again so that this state holds them (their feature \
-                         records are sent again).",
-                        checkpoint.next_offset
-                    );
-                    // From where the state ends, or from the oldest record the topic keeps.
                     let start = match consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))
                     {
-                        Ok((oldest, _)) if oldest > checkpoint.next_offset => {
+                        Ok((oldest, _)) if oldest > ends => {
                             tracing::warn!(
                                 partition = p,
-                                "Partition {p} is read again from offset {oldest}: the records \
-                                 from {} on are no longer in the topic (retention), so its state \
-                                 lacks them.",
-                                checkpoint.next_offset
+                                "Partition {p} is read from offset {oldest}: the records from \
+                                 {ends} on are no longer in the topic (retention), so its state \
+                                 lacks them."
                             );
-                            oldest.min(offset)
+                            oldest
                         }
-                        _ => checkpoint.next_offset,
+                        _ => ends,
                     };
                     starts.insert(p, start);
                 }

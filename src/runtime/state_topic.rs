@@ -36,8 +36,12 @@ const COUNT_HEADER: &str = "featurestream.chunks";
 const LENGTH_HEADER: &str = "featurestream.bytes";
 const CRC_HEADER: &str = "featurestream.crc32c";
 const MANIFEST: &str = "manifest";
-/// How long writing one checkpoint, or reading the topic at an assignment, may take.
-const DEADLINE: Duration = Duration::from_secs(300);
+/// How long writing one checkpoint may take; a checkpoint that cannot be written leaves
+/// the offsets uncommitted until a later one is.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// How long reading the topic at an assignment may take: well under the consumer's
+/// `max.poll.interval.ms` (5 minutes by default), since it runs in the rebalance.
+const READ_DEADLINE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateTopicError {
@@ -381,16 +385,18 @@ impl StateTopic {
         consumer.assign(&list).map_err(|e| e.to_string())?;
         let started = Instant::now();
         loop {
-            if started.elapsed() > DEADLINE {
+            if started.elapsed() > READ_DEADLINE {
                 return Err(format!(
                     "not read to its end within {} s",
-                    DEADLINE.as_secs()
+                    READ_DEADLINE.as_secs()
                 ));
             }
             match consumer.poll(Duration::from_millis(500)) {
                 None => {}
                 Some(Err(KafkaError::PartitionEOF(_))) => return Ok(()),
-                Some(Err(e)) => return Err(e.to_string()),
+                // The client retries what fails (a broker restarting): so does the read,
+                // until its deadline.
+                Some(Err(e)) => tracing::warn!("Reading the state topic: {e}; retrying."),
                 Some(Ok(message)) => {
                     visit(
                         message.key().unwrap_or_default(),
