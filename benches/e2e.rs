@@ -7,7 +7,8 @@
 //! latency; E2E_CHECKPOINT_EVERY, default 5s, the service's `state.checkpoint_every`;
 //! E2E_SINK_OPTIONS, default `{}`, librdkafka settings for its producer as a YAML map;
 //! E2E_QUIET_CARDS, default 0 = off: also load that many distinct cards, let the stream go
-//! quiet, and report how often checkpoints complete then, with checkpoints every 3 s).
+//! quiet, and report how often checkpoints complete then, with checkpoints every 3 s;
+//! E2E_STATE_TOPIC, default 0: 1 also writes the throughput run's checkpoints to a state topic).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +39,7 @@ fn pipeline(
     dir: &std::path::Path,
     features: &str,
     checkpoint_every: &str,
+    state_topic: Option<&str>,
 ) -> String {
     format!(
         r#"
@@ -53,11 +55,12 @@ features:
 {features}
 sinks:
   kafka: {{ topic: {output}, format: json, emit: on_update, options: {o} }}
-state: {{ entity_ttl: 7d, dir: "{d}", checkpoint_every: {c} }}
+state: {{ entity_ttl: 7d, dir: "{d}", checkpoint_every: {c}{t} }}
 "#,
         b = brokers(),
         d = dir.display(),
         c = checkpoint_every,
+        t = state_topic.map_or(String::new(), |t| format!(", topic: {t}")),
         o = std::env::var("E2E_SINK_OPTIONS").unwrap_or_else(|_| "{}".into())
     )
 }
@@ -84,6 +87,11 @@ fn main() {
     let run = format!("e2e-{}", now_ms());
     let (input, output) = (format!("{run}-in"), format!("{run}-out"));
     create_topics(&[&input, &output]);
+    // E2E_STATE_TOPIC=1: the throughput run also writes every checkpoint to a state topic.
+    let state_topic = (env("E2E_STATE_TOPIC", 0) == 1).then(|| format!("{run}-state"));
+    if let Some(topic) = &state_topic {
+        create_topics(&[topic]);
+    }
     let dir = tempfile::tempdir().unwrap();
 
     // Load the input topic.
@@ -130,6 +138,7 @@ fn main() {
         dir.path(),
         CARD_FEATURES,
         &checkpoint_every,
+        state_topic.as_deref(),
     );
     let pipe = Arc::new(compile_source("e2e.yaml", &text).unwrap());
     let shared = Shared::new(Arc::clone(&pipe), Arc::new(AtomicBool::new(false)));
@@ -176,6 +185,7 @@ fn main() {
         dir.path(),
         lat_features,
         &checkpoint_every,
+        None,
     );
     let pipe = Arc::new(compile_source("lat.yaml", &text).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
@@ -318,6 +328,7 @@ fn quiet_checkpoints(run: &str, cards: u64) {
         dir.path(),
         CARD_FEATURES,
         "3s",
+        None,
     );
     let pipe = Arc::new(compile_source("quiet.yaml", &text).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
