@@ -248,7 +248,7 @@ fn describe(pipeline: &Pipeline) -> String {
         Emit::OnWindowClose => "on_window_close",
     };
     format!(
-        "pipeline `{}`: {} feature{} ({}), topic {} keyed by `{}`, emit {}",
+        "pipeline `{}`: {} feature{} ({}), topic {} keyed by `{}`, emit {}{}",
         pipeline.name,
         pipeline.features.len(),
         if pipeline.features.len() == 1 {
@@ -259,7 +259,11 @@ fn describe(pipeline: &Pipeline) -> String {
         kinds.join(", "),
         pipeline.source.kafka.topic,
         pipeline.source.schema.fields[pipeline.source.entity].name,
-        emit
+        emit,
+        pipeline
+            .state_topic
+            .as_ref()
+            .map_or(String::new(), |t| format!(", state topic {t}"))
     )
 }
 
