@@ -730,12 +730,7 @@ fn a_partition_that_continues_without_its_state_is_reported() {
     } = setup("nostate", 3, "json", "json");
     let batch = events(3_000, 0);
     produce(&input, &batch);
-    let (first, http) = start_service(&pipeline, dir.path().join("first.log"));
-    wait_until(Duration::from_secs(120), "every event consumed", || {
-        consumed(&http) >= batch.len() as u64
-    });
-    let (status, log) = first.terminate();
-    assert!(status.success(), "{log}");
+    let log = run_until_consumed(&pipeline, dir.path().join("first.log"), 3_000);
     assert_eq!(
         log.matches("starts with empty state (no checkpoint, and no offset committed")
             .count(),
@@ -780,42 +775,20 @@ fn a_partition_back_on_an_instance_whose_state_is_behind_is_read_again() {
         dlq: _,
         pipeline,
     } = setup("back", 3, "json", "json");
-    let text = std::fs::read_to_string(&pipeline).unwrap();
-    let state_a = dir.path().join("state").display().to_string();
-    let other = dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    let pipeline_b = write_pipeline(
-        &other,
-        &text.replace(&state_a, &dir.path().join("state-b").display().to_string()),
-    );
-    let run = |pipeline: &std::path::Path, log: &str, upto: u64| {
-        let (service, http) = start_service(pipeline, dir.path().join(log));
-        wait_until(
-            Duration::from_secs(120),
-            "every event so far consumed",
-            || consumed(&http) >= upto,
-        );
-        let (status, log) = service.terminate();
-        assert!(status.success(), "{log}");
-        log
-    };
-
+    let pipeline_b = with_own_state_folder(dir.path(), &pipeline);
     // A processes the first events; B, which has none of A's state, the next ones; then the
     // partitions come back to A, whose checkpoints end where A stopped.
     let first = events(3_000, 0);
     produce(&input, &first);
-    run(&pipeline, "a1.log", 3_000);
+    run_until_consumed(&pipeline, dir.path().join("a1.log"), 3_000);
     let second = events(2_000, 3_000);
     produce(&input, &second);
-    let log_b = run(&pipeline_b, "b.log", 2_000);
+    let log_b = run_until_consumed(&pipeline_b, dir.path().join("b.log"), 2_000);
     assert!(log_b.contains("has no checkpoint here"), "{log_b}");
     let third = events(1_000, 5_000);
     produce(&input, &third);
     // A reads the second events again, then the third.
-    let (service, _) = start_service(&pipeline, dir.path().join("a2.log"));
-    wait_for_every_event_record(&output, &third);
-    let (status, log_a) = service.terminate();
-    assert!(status.success(), "{log_a}");
+    let log_a = run_until_recorded(&pipeline, dir.path().join("a2.log"), &output, &third);
     for p in 0..3 {
         assert!(
             log_a.contains(&format!("Partition {p}'s checkpoint here ends at offset")),
@@ -849,31 +822,15 @@ fn state_follows_partitions_to_an_instance_without_the_state_folder_through_the_
     );
     assert!(text.contains(&state_topic));
     std::fs::write(&pipeline, &text).unwrap();
-    let other = dir.path().join("other");
-    std::fs::create_dir_all(&other).unwrap();
-    let state_a = dir.path().join("state").display().to_string();
-    let pipeline_b = write_pipeline(
-        &other,
-        &text.replace(&state_a, &dir.path().join("state-b").display().to_string()),
-    );
+    let pipeline_b = with_own_state_folder(dir.path(), &pipeline);
 
     // A processes the first events and stops; B, on a state folder of its own, goes on.
     let first = events(3_000, 0);
     produce(&input, &first);
-    let (a, http) = start_service(&pipeline, dir.path().join("a.log"));
-    wait_until(
-        Duration::from_secs(120),
-        "the first events consumed",
-        || consumed(&http) >= first.len() as u64,
-    );
-    let (status, log_a) = a.terminate();
-    assert!(status.success(), "{log_a}");
+    run_until_consumed(&pipeline, dir.path().join("a.log"), 3_000);
     let second = events(2_000, 3_000);
     produce(&input, &second);
-    let (b, _) = start_service(&pipeline_b, dir.path().join("b.log"));
-    wait_for_every_event_record(&output, &second);
-    let (status, log_b) = b.terminate();
-    assert!(status.success(), "{log_b}");
+    let log_b = run_until_recorded(&pipeline_b, dir.path().join("b.log"), &output, &second);
     assert_eq!(
         log_b
             .matches(&format!(

@@ -460,6 +460,48 @@ pub fn start_service(pipeline: &Path, log: PathBuf) -> (Service, String) {
     (service, http)
 }
 
+/// Runs the service until it has consumed `at_least` records, stops it with SIGTERM and
+/// checks that it exited cleanly; returns its log.
+pub fn run_until_consumed(pipeline: &Path, log: PathBuf, at_least: u64) -> String {
+    let (service, http) = start_service(pipeline, log);
+    wait_until(Duration::from_secs(120), "the records consumed", || {
+        consumed(&http) >= at_least
+    });
+    let (status, log) = service.terminate();
+    assert!(status.success(), "clean exit on SIGTERM:\n{log}");
+    log
+}
+
+/// Runs the service until every event of `input` has its record on `output`, then stops it
+/// cleanly; returns its log.
+pub fn run_until_recorded(
+    pipeline: &Path,
+    log: PathBuf,
+    output: &str,
+    input: &[(i32, String, Vec<u8>)],
+) -> String {
+    let (service, _) = start_service(pipeline, log);
+    wait_for_every_event_record(output, input);
+    let (status, log) = service.terminate();
+    assert!(status.success(), "clean exit on SIGTERM:\n{log}");
+    log
+}
+
+/// The same pipeline file for a second instance of the group, with a state folder of its own
+/// (`dir/state-b`), as on another machine.
+pub fn with_own_state_folder(dir: &Path, pipeline: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(pipeline).unwrap();
+    let state = dir.join("state").display().to_string();
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let text = text.replace(&state, &dir.join("state-b").display().to_string());
+    assert!(
+        text.contains("state-b"),
+        "the pipeline names its state folder"
+    );
+    write_pipeline(&other, &text)
+}
+
 /// Waits until every input event's own record is on `output`.
 pub fn wait_for_every_event_record(output: &str, input: &[(i32, String, Vec<u8>)]) {
     wait_until(
