@@ -814,14 +814,7 @@ fn state_follows_partitions_to_an_instance_without_the_state_folder_through_the_
         pipeline,
     } = setup("statetopic", 3, "json", "json");
     // One partition for three input partitions: records of several share it.
-    let state_topic = unique("state");
-    create_topics(&[(&state_topic, 1)]);
-    let text = std::fs::read_to_string(&pipeline).unwrap().replace(
-        "checkpoint_every: 1s }",
-        &format!("checkpoint_every: 1s, topic: {state_topic} }}"),
-    );
-    assert!(text.contains(&state_topic));
-    std::fs::write(&pipeline, &text).unwrap();
+    let state_topic = use_state_topic(&pipeline);
     let pipeline_b = with_own_state_folder(dir.path(), &pipeline);
 
     // A processes the first events and stops; B, on a state folder of its own, goes on.

@@ -20,6 +20,9 @@ fn broker_outage_midstream_loses_nothing() {
         dlq: _,
         pipeline,
     } = setup("outage", 3, "json", "json");
+    // Checkpoints also go to a state topic: Kafka going away must not stop the service there
+    // either, and the topic holds a whole checkpoint afterwards.
+    let state_topic = use_state_topic(&pipeline);
     // Enough input that the service is still consuming when the broker goes away.
     let before = events(150_000, 0);
     produce(&input, &before);
@@ -60,4 +63,23 @@ fn broker_outage_midstream_loses_nothing() {
         "the outage and the recovery are both in the log:\n{log}"
     );
     assert_no_event_lost(&output, &all, &log);
+
+    // A second instance with a state folder of its own restores every partition from the topic.
+    let other = with_own_state_folder(dir.path(), &pipeline);
+    let (second, http) = start_service(&other, dir.path().join("second.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the second instance owning its partitions",
+        || http_get(&format!("http://{http}/readyz")).0 == 200,
+    );
+    let (status, log) = second.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        log.matches(&format!(
+            "Restored partition state from its checkpoint in the state topic `{state_topic}`"
+        ))
+        .count(),
+        3,
+        "{log}"
+    );
 }

@@ -487,6 +487,20 @@ pub fn run_until_recorded(
     log
 }
 
+/// Creates a state topic of one partition and sets it as the pipeline file's `state.topic`;
+/// returns its name.
+pub fn use_state_topic(pipeline: &Path) -> String {
+    let topic = unique("state");
+    create_topics(&[(&topic, 1)]);
+    let text = std::fs::read_to_string(pipeline).unwrap().replace(
+        "checkpoint_every: 1s }",
+        &format!("checkpoint_every: 1s, topic: {topic} }}"),
+    );
+    assert!(text.contains(&topic), "the pipeline has a state section");
+    std::fs::write(pipeline, text).unwrap();
+    topic
+}
+
 /// The same pipeline file for a second instance of the group, with a state folder of its own
 /// (`dir/state-b`), as on another machine.
 pub fn with_own_state_folder(dir: &Path, pipeline: &Path) -> PathBuf {
