@@ -36,6 +36,8 @@ const COUNT_HEADER: &str = "featurestream.chunks";
 const LENGTH_HEADER: &str = "featurestream.bytes";
 const CRC_HEADER: &str = "featurestream.crc32c";
 const MANIFEST: &str = "manifest";
+/// The most a reader reserves ahead for one checkpoint (beyond it, the bytes grow as read).
+const MAX_RESERVE: usize = 1 << 30;
 /// How long writing one checkpoint may take; a checkpoint that cannot be written leaves
 /// the offsets uncommitted until a later one is.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -229,7 +231,13 @@ impl StateTopic {
                 ..((index + 1) * CHUNK_BYTES).min(bytes.len())];
             let key = format!("{prefix}{}/{index}", manifest.id);
             let index = index.to_string();
+            let length = manifest.length.to_string();
             let headers = OwnedHeaders::new()
+                // The whole length, so that a reader reserves it once.
+                .insert(Header {
+                    key: LENGTH_HEADER,
+                    value: Some(length.as_str()),
+                })
                 .insert(Header {
                     key: ID_HEADER,
                     value: Some(manifest.id.as_str()),
@@ -484,11 +492,14 @@ impl Assembler {
             return;
         }
         if index == 0 {
+            let length: usize = header(headers, LENGTH_HEADER)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             self.partial.insert(
                 id.clone(),
                 Partial {
                     next: 0,
-                    bytes: Vec::new(),
+                    bytes: Vec::with_capacity(length.min(MAX_RESERVE)),
                 },
             );
         }
