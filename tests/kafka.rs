@@ -834,6 +834,13 @@ fn state_follows_partitions_to_an_instance_without_the_state_folder_through_the_
         "{log_b}"
     );
     assert!(!log_b.contains("has no checkpoint here"), "{log_b}");
+    // The test's topic is not compacted, and the service says what that risks.
+    assert!(
+        log_b.contains(&format!(
+            "The state topic `{state_topic}` has cleanup.policy=delete"
+        )),
+        "{log_b}"
+    );
     // B's records are computed on A's state: they equal a replay of all the events.
     let all: Vec<_> = first.iter().chain(&second).cloned().collect();
     let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));

@@ -125,6 +125,7 @@ impl StateTopic {
             partitions > 0,
             "the state topic `{topic}` has no partitions"
         );
+        warn_unless_compacted(brokers, &options, topic);
         let producer = client_config(
             brokers,
             &[
@@ -418,6 +419,45 @@ impl StateTopic {
                 }
             }
         }
+    }
+}
+
+/// Says so when the state topic deletes by age rather than compacting: a partition quiet for
+/// longer than the topic's retention would lose its only checkpoint there. Best effort: a
+/// broker that does not answer the question is not an error.
+fn warn_unless_compacted(brokers: &str, options: &KafkaOptions, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    let Ok(admin) = client_config(brokers, &[], options)
+        .create_with_context::<_, AdminClient<LoggingContext>>(LoggingContext::default())
+    else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let asked = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let resources = [ResourceSpecifier::Topic(topic)];
+    let policy = runtime
+        .block_on(admin.describe_configs(&resources, &asked))
+        .ok()
+        .and_then(|results| results.into_iter().next()?.ok())
+        .and_then(|resource| {
+            resource
+                .entries
+                .into_iter()
+                .find(|e| e.name == "cleanup.policy")?
+                .value
+        });
+    if let Some(policy) = policy
+        && !policy.contains("compact")
+    {
+        tracing::warn!(
+            "The state topic `{topic}` has cleanup.policy={policy}: a partition quiet for longer \
+             than its retention loses its checkpoint there. Set cleanup.policy=compact."
+        );
     }
 }
 
