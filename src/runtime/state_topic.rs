@@ -11,7 +11,8 @@
 //! previous checkpoint's chunks are deleted (tombstones). A compacted topic so keeps one
 //! checkpoint per partition, and a checkpoint cut short by a crash never costs the one before
 //! it: a reader takes the checkpoint of the newest manifest whose chunks it found in order and
-//! whose length and CRC match.
+//! whose length and CRC match. Checkpoints a reader finds left behind (cut short by a crash, or
+//! replaced but not yet deleted) are deleted once the partition's next checkpoint is complete.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -79,6 +80,9 @@ pub struct StateTopic {
     /// The newest checkpoint of each partition in the topic, read or written by this
     /// instance: its chunks are deleted once a newer one is complete.
     newest: Mutex<HashMap<i32, Manifest>>,
+    /// Chunks of checkpoints cut short (a crash while writing), found when reading: deleted
+    /// with the previous checkpoint once the partition's next one is complete.
+    orphans: Mutex<HashMap<i32, Vec<Manifest>>>,
 }
 
 impl std::fmt::Debug for StateTopic {
@@ -149,6 +153,7 @@ impl StateTopic {
             options,
             producer,
             newest: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashMap::new()),
         })
     }
 
@@ -298,8 +303,17 @@ impl StateTopic {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(partition, manifest);
-        if let Some(previous) = previous {
-            self.delete(partition, &previous);
+        let orphans = self
+            .orphans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&partition)
+            .unwrap_or_default();
+        let replaced: Vec<Manifest> = previous.into_iter().chain(orphans).collect();
+        if !replaced.is_empty() {
+            for old in &replaced {
+                self.delete(partition, old);
+            }
             // Settled here, so that a refused deletion is not taken for the next checkpoint's.
             if let Err(e) = self.acknowledged(context.failed.load(Ordering::Relaxed)) {
                 tracing::debug!("Old checkpoint chunks not deleted ({e}).");
@@ -351,7 +365,14 @@ impl StateTopic {
             })
             .map_err(fail)?;
             for (p, assembler) in assemblers {
-                if let Some((manifest, bytes)) = assembler.finish() {
+                let (complete, orphans) = assembler.finish();
+                if !orphans.is_empty() {
+                    self.orphans
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(p, orphans);
+                }
+                if let Some((manifest, bytes)) = complete {
                     self.newest
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -481,6 +502,10 @@ struct Assembler {
     /// Checkpoints whose chunks are arriving, by id.
     partial: HashMap<String, Partial>,
     complete: Option<(Manifest, Vec<u8>)>,
+    /// Every checkpoint whose chunks were seen, by id, with its chunk count.
+    seen: HashMap<String, usize>,
+    /// Checkpoints whose chunks have been deleted.
+    deleted: std::collections::HashSet<String>,
 }
 
 struct Partial {
@@ -494,6 +519,8 @@ impl Assembler {
             key_prefix,
             partial: HashMap::new(),
             complete: None,
+            seen: HashMap::new(),
+            deleted: std::collections::HashSet::new(),
         }
     }
 
@@ -507,7 +534,15 @@ impl Assembler {
             return; // another partition, pipeline or group sharing the topic partition
         };
         let Some(payload) = payload else {
-            return; // a deleted chunk
+            // A deleted chunk: its checkpoint's id is the first part of the key.
+            if let Some(id) = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|r| r.split_once('/'))
+                .map(|(id, _)| id)
+            {
+                self.deleted.insert(id.to_string());
+            }
+            return;
         };
         let id = header(headers, ID_HEADER).map(str::to_string);
         let count = header(headers, COUNT_HEADER).and_then(|v| v.parse().ok());
@@ -530,6 +565,9 @@ impl Assembler {
         };
         if rest != format!("{id}/{index}").as_bytes() {
             return;
+        }
+        if let Some(count) = count {
+            self.seen.insert(id.clone(), count);
         }
         if index == 0 {
             let length: usize = header(headers, LENGTH_HEADER)
@@ -568,8 +606,23 @@ impl Assembler {
         self.partial.clear();
     }
 
-    fn finish(self) -> Option<(Manifest, Vec<u8>)> {
-        self.complete
+    /// The newest complete checkpoint, and the checkpoints whose chunks are still there
+    /// without being it (cut short, or replaced without being deleted): to be deleted.
+    fn finish(self) -> (Option<(Manifest, Vec<u8>)>, Vec<Manifest>) {
+        let keep = self.complete.as_ref().map(|(m, _)| m.id.clone());
+        let mut orphans: Vec<Manifest> = self
+            .seen
+            .into_iter()
+            .filter(|(id, _)| Some(id) != keep.as_ref() && !self.deleted.contains(id))
+            .map(|(id, chunks)| Manifest {
+                id,
+                chunks,
+                length: 0,
+                crc: 0,
+            })
+            .collect();
+        orphans.sort_by(|a, b| a.id.cmp(&b.id));
+        (self.complete, orphans)
     }
 }
 
@@ -617,7 +670,8 @@ mod tests {
         out
     }
 
-    fn assemble(records: &[Stored]) -> Option<Vec<u8>> {
+    /// An assembler that has read `records` in order.
+    fn fed(records: &[Stored]) -> Assembler {
         let mut assembler = Assembler::new(PREFIX.to_string());
         for r in records {
             let mut owned = OwnedHeaders::new();
@@ -630,7 +684,39 @@ mod tests {
             let borrowed: &BorrowedHeaders = owned.as_borrowed();
             assembler.push(r.key.as_bytes(), Some(borrowed), r.payload.as_deref());
         }
-        assembler.finish().map(|(_, bytes)| bytes)
+        assembler
+    }
+
+    fn assemble(records: &[Stored]) -> Option<Vec<u8>> {
+        fed(records).finish().0.map(|(_, bytes)| bytes)
+    }
+
+    fn orphans(records: &[Stored]) -> Vec<(String, usize)> {
+        let (_, orphans) = fed(records).finish();
+        orphans.into_iter().map(|m| (m.id, m.chunks)).collect()
+    }
+
+    #[test]
+    fn checkpoints_left_behind_are_found_for_deletion() {
+        let data: Vec<u8> = (0..100u8).collect();
+        // a: complete, replaced by b without being deleted; c: cut short after two chunks;
+        // d: replaced and deleted; b stays.
+        let mut records = written(PREFIX, "d", &data, 30);
+        for i in 0..4 {
+            records.push(Stored {
+                key: format!("{PREFIX}d/{i}"),
+                headers: Vec::new(),
+                payload: None,
+            });
+        }
+        records.extend(written(PREFIX, "a", &data, 30));
+        records.extend(written(PREFIX, "b", &data, 30));
+        records.extend(written(PREFIX, "c", &data, 30).into_iter().take(2));
+        assert_eq!(
+            orphans(&records),
+            vec![("a".to_string(), 4), ("c".to_string(), 4)]
+        );
+        assert_eq!(orphans(&written(PREFIX, "a", &data, 30)), vec![]);
     }
 
     #[test]
