@@ -78,7 +78,7 @@ pub const ALL: &[(&str, &str)] = &[
     ),
     (
         PARTITIONS_WITHOUT_STATE,
-        "Input partitions the group had read before that were assigned with no checkpoint in state.dir: they continue with empty state.",
+        "Input partitions the group had read before that were assigned with no checkpoint (in state.dir or the state topic): they continue with empty state.",
     ),
     (HTTP_REQUESTS, "HTTP requests served, by route and status."),
     (HTTP_LATENCY, "HTTP request latency, by route."),

@@ -257,18 +257,18 @@ impl ConsumerContext for RunContext {
                     .map(|e| e.partition())
                     .collect();
                 let committed = committed_offsets(consumer, assignment);
-                let starts = {
+                let (starts, topic) = {
                     let mut worker = self.lock();
                     tracing::info!(?partitions, "Partitions assigned.");
+                    let topic = worker.pipeline().source.kafka.topic.clone();
                     match worker.adopt(consumer, &partitions, &committed) {
-                        Ok(starts) => starts,
+                        Ok(starts) => (starts, topic),
                         Err(e) => {
                             worker.fatal.get_or_insert(e);
-                            BTreeMap::new()
+                            (BTreeMap::new(), topic)
                         }
                     }
                 };
-                let topic = self.lock().shared.pipeline.source.kafka.topic.clone();
                 for (p, offset) in starts {
                     if let Err(e) =
                         assignment.set_partition_offset(&topic, p, Offset::Offset(offset))
@@ -423,12 +423,21 @@ fn send(
     record: BaseRecord<'_, [u8], [u8]>,
     stop: &AtomicBool,
 ) -> Result<(), KafkaError> {
+    send_until(producer, record, || stop.load(Ordering::Relaxed))
+}
+
+/// Queues one record, waiting while the producer's queue is full, until `give_up` says so.
+fn send_until(
+    producer: &Output,
+    record: BaseRecord<'_, [u8], [u8]>,
+    give_up: impl Fn() -> bool,
+) -> Result<(), KafkaError> {
     let mut record = record;
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                if stop.load(Ordering::Relaxed) {
+                if give_up() {
                     return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
                 }
                 record = back;

@@ -20,12 +20,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::DeliveryContext;
+use super::{DeliveryContext, send_until};
 use crate::config::{KafkaOptions, Pipeline};
 use crate::connectors::kafka::{LoggingContext, client_config};
 
@@ -169,22 +169,32 @@ impl StateTopic {
         partition.rem_euclid(self.partitions)
     }
 
-    /// Queues one record, waiting while the producer's queue is full.
-    fn send(&self, record: BaseRecord<'_, [u8], [u8]>) -> Result<(), String> {
-        let started = Instant::now();
-        let mut record = record;
-        loop {
-            match self.producer.send(record) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                    if started.elapsed() < DEADLINE =>
-                {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err((e, _)) => return Err(e.to_string()),
-            }
+    /// Queues one record for input partition `partition`'s state-topic partition; `payload`
+    /// `None` is a tombstone.
+    fn put(
+        &self,
+        partition: i32,
+        key: &str,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<(), String> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for &(key, value) in headers {
+            owned = owned.insert(Header {
+                key,
+                value: Some(value),
+            });
         }
+        let mut record = BaseRecord::to(&self.topic)
+            .partition(self.state_partition(partition))
+            .key(key.as_bytes())
+            .headers(owned);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        let started = Instant::now();
+        send_until(&self.producer, record, || started.elapsed() >= DEADLINE)
+            .map_err(|e| e.to_string())
     }
 
     /// Waits until everything queued is acknowledged; an error names what was refused since
@@ -225,76 +235,43 @@ impl StateTopic {
             .take();
         let manifest = Manifest {
             id: new_checkpoint_id(),
-            chunks: bytes.len().div_ceil(CHUNK_BYTES).max(1),
+            // Never empty: a checkpoint file starts with its 32-byte header.
+            chunks: bytes.len().div_ceil(CHUNK_BYTES),
             length: bytes.len(),
             crc: crc32(bytes),
         };
         let prefix = self.key_prefix_of(partition);
-        let to = self.state_partition(partition);
-        let count = manifest.chunks.to_string();
-        for index in 0..manifest.chunks {
-            let chunk = &bytes[(index * CHUNK_BYTES).min(bytes.len())
-                ..((index + 1) * CHUNK_BYTES).min(bytes.len())];
+        let (count, length) = (manifest.chunks.to_string(), manifest.length.to_string());
+        for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
             let key = format!("{prefix}{}/{index}", manifest.id);
             let index = index.to_string();
-            let length = manifest.length.to_string();
-            let headers = OwnedHeaders::new()
+            let headers = [
                 // The whole length, so that a reader reserves it once.
-                .insert(Header {
-                    key: LENGTH_HEADER,
-                    value: Some(length.as_str()),
-                })
-                .insert(Header {
-                    key: ID_HEADER,
-                    value: Some(manifest.id.as_str()),
-                })
-                .insert(Header {
-                    key: INDEX_HEADER,
-                    value: Some(index.as_str()),
-                })
-                .insert(Header {
-                    key: COUNT_HEADER,
-                    value: Some(count.as_str()),
-                });
-            self.send(
-                BaseRecord::to(&self.topic)
-                    .partition(to)
-                    .key(key.as_bytes())
-                    .payload(chunk)
-                    .headers(headers),
-            )
-            .map_err(fail)?;
+                (LENGTH_HEADER, length.as_str()),
+                (ID_HEADER, manifest.id.as_str()),
+                (INDEX_HEADER, index.as_str()),
+                (COUNT_HEADER, count.as_str()),
+            ];
+            self.put(partition, &key, Some(chunk), &headers)
+                .map_err(fail)?;
         }
         self.acknowledged(failed_before).map_err(fail)?;
-        let (length, crc) = (manifest.length.to_string(), manifest.crc.to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: ID_HEADER,
-                value: Some(manifest.id.as_str()),
-            })
-            .insert(Header {
-                key: COUNT_HEADER,
-                value: Some(count.as_str()),
-            })
-            .insert(Header {
-                key: LENGTH_HEADER,
-                value: Some(length.as_str()),
-            })
-            .insert(Header {
-                key: CRC_HEADER,
-                value: Some(crc.as_str()),
-            });
-        let key = format!("{prefix}{MANIFEST}");
+        let crc = manifest.crc.to_string();
+        let headers = [
+            (ID_HEADER, manifest.id.as_str()),
+            (COUNT_HEADER, count.as_str()),
+            (LENGTH_HEADER, length.as_str()),
+            (CRC_HEADER, crc.as_str()),
+        ];
         let text = format!(
             "featurestream checkpoint {} of partition {partition}: {} chunks, {} bytes",
             manifest.id, manifest.chunks, manifest.length
         );
-        self.send(
-            BaseRecord::to(&self.topic)
-                .partition(to)
-                .key(key.as_bytes())
-                .payload(text.as_bytes())
-                .headers(headers),
+        self.put(
+            partition,
+            &format!("{prefix}{MANIFEST}"),
+            Some(text.as_bytes()),
+            &headers,
         )
         .map_err(fail)?;
         self.acknowledged(failed_before).map_err(fail)?;
@@ -328,10 +305,7 @@ impl StateTopic {
         let prefix = self.key_prefix_of(partition);
         for index in 0..old.chunks {
             let key = format!("{prefix}{}/{index}", old.id);
-            let record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic)
-                .partition(self.state_partition(partition))
-                .key(key.as_bytes());
-            if let Err(e) = self.send(record) {
+            if let Err(e) = self.put(partition, &key, None, &[]) {
                 tracing::debug!("Cannot delete an old checkpoint chunk ({e}).");
                 return;
             }
