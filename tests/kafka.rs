@@ -821,6 +821,9 @@ fn state_follows_partitions_to_an_instance_without_the_state_folder_through_the_
     let first = events(3_000, 0);
     produce(&input, &first);
     run_until_consumed(&pipeline, dir.path().join("a.log"), 3_000);
+    // Partitions are added to the state topic meanwhile: `p mod n` now points elsewhere for
+    // input partitions 1 and 2, whose checkpoints are still in partition 0.
+    add_partitions(&state_topic, 3);
     let second = events(2_000, 3_000);
     produce(&input, &second);
     let log_b = run_until_recorded(&pipeline_b, dir.path().join("b.log"), &output, &second);
@@ -834,6 +837,14 @@ fn state_follows_partitions_to_an_instance_without_the_state_folder_through_the_
         "{log_b}"
     );
     assert!(!log_b.contains("has no checkpoint here"), "{log_b}");
+    for p in [1, 2] {
+        assert!(
+            log_b.contains(&format!(
+                "Found partition {p}'s checkpoint in partition 0 of the state topic"
+            )),
+            "{log_b}"
+        );
+    }
     // The test's topic is not compacted, and the service says what that risks.
     assert!(
         log_b.contains(&format!(
@@ -845,4 +856,31 @@ fn state_follows_partitions_to_an_instance_without_the_state_folder_through_the_
     let all: Vec<_> = first.iter().chain(&second).cloned().collect();
     let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
     assert_records_match_replay(dir.path(), &pipeline, &all, &second, &streamed);
+    // B's checkpoints of partitions 1 and 2 went where `p mod 3` points, and the ones found in
+    // partition 0 were deleted: the last manifest record of each there is a tombstone.
+    let state = consume_all(&state_topic, None, Duration::from_secs(5));
+    let last_manifest = |p: i32, at: i32| {
+        state
+            .iter()
+            .rfind(|r| {
+                r.partition == at
+                    && r.key
+                        .as_deref()
+                        .is_some_and(|k| k.ends_with(format!("-{p}/manifest").as_bytes()))
+            })
+            .map(|r| !r.payload.is_empty())
+    };
+    for p in [1, 2] {
+        assert_eq!(
+            last_manifest(p, 0),
+            Some(false),
+            "partition {p} deleted from 0"
+        );
+        assert_eq!(
+            last_manifest(p, p),
+            Some(true),
+            "partition {p} written to {p}"
+        );
+    }
+    assert_eq!(last_manifest(0, 0), Some(true));
 }

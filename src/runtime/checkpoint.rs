@@ -170,9 +170,11 @@ impl CheckpointStore {
 
     /// The newest checkpoint of each of `partitions` that has one: the state folder's, or the
     /// state topic's when that one is further on (another instance had the partition since).
+    /// `read_before` are the partitions the group has committed offsets for.
     pub fn load(
         &self,
         partitions: &[i32],
+        read_before: &[i32],
     ) -> Result<BTreeMap<i32, (Checkpoint, Origin)>, CheckpointError> {
         let mut found = BTreeMap::new();
         for &p in partitions {
@@ -193,8 +195,15 @@ impl CheckpointStore {
         let Some(state_topic) = &self.state_topic else {
             return Ok(found);
         };
+        // A partition the group has read before has state somewhere: if it is in neither
+        // place it is looked for first, the state topic looks in all of its partitions.
+        let look_further: Vec<i32> = read_before
+            .iter()
+            .copied()
+            .filter(|p| !found.contains_key(p))
+            .collect();
         for (p, bytes) in state_topic
-            .read(partitions)
+            .read(partitions, &look_further)
             .map_err(CheckpointError::Topic)?
         {
             let checkpoint = self.decode(bytes).map_err(|e| match e {

@@ -524,7 +524,8 @@ impl Worker {
         committed: &BTreeMap<i32, i64>,
     ) -> anyhow::Result<BTreeMap<i32, i64>> {
         // Read before the engine is locked: look-ups go on meanwhile.
-        let mut checkpoints = self.store.load(partitions)?;
+        let read_before: Vec<i32> = committed.keys().copied().collect();
+        let mut checkpoints = self.store.load(partitions, &read_before)?;
         let topic = self.shared.pipeline.source.kafka.topic.clone();
         let mut starts = BTreeMap::new();
         let now = now_ms();

@@ -13,6 +13,9 @@
 //! it: a reader takes the checkpoint of the newest manifest whose chunks it found in order and
 //! whose length and CRC match. Checkpoints a reader finds left behind (cut short by a crash, or
 //! replaced but not yet deleted) are deleted once the partition's next checkpoint is complete.
+//! Partitions added to the topic change `p mod n`: a partition the group has read before whose
+//! checkpoint is not where `p mod n` now points is looked for in every partition, and its next
+//! checkpoint is written where it points (the one found is then deleted).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -60,6 +63,9 @@ pub enum StateTopicError {
     Read { topic: String, cause: String },
 }
 
+/// A complete checkpoint read from the topic: its manifest and the bytes of its file.
+type Found = (Manifest, Vec<u8>);
+
 /// The checkpoint a manifest names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Manifest {
@@ -67,6 +73,19 @@ struct Manifest {
     chunks: usize,
     length: usize,
     crc: u32,
+    /// The state-topic partition holding it: `p mod n` when it was written, which is not
+    /// where it is looked for first once partitions have been added to the topic.
+    state_partition: i32,
+}
+
+impl Manifest {
+    /// When the checkpoint was written, by its writer's clock (ids start with nanoseconds).
+    fn written_at(&self) -> u128 {
+        self.id
+            .split_once('-')
+            .and_then(|(nanos, _)| u128::from_str_radix(nanos, 16).ok())
+            .unwrap_or(0)
+    }
 }
 
 pub struct StateTopic {
@@ -169,11 +188,11 @@ impl StateTopic {
         partition.rem_euclid(self.partitions)
     }
 
-    /// Queues one record for input partition `partition`'s state-topic partition; `payload`
-    /// `None` is a tombstone.
+    /// Queues one record for partition `state_partition` of the topic; `payload` `None` is a
+    /// tombstone.
     fn put(
         &self,
-        partition: i32,
+        state_partition: i32,
         key: &str,
         payload: Option<&[u8]>,
         headers: &[(&str, &str)],
@@ -186,7 +205,7 @@ impl StateTopic {
             });
         }
         let mut record = BaseRecord::to(&self.topic)
-            .partition(self.state_partition(partition))
+            .partition(state_partition)
             .key(key.as_bytes())
             .headers(owned);
         if let Some(payload) = payload {
@@ -233,12 +252,14 @@ impl StateTopic {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let home = self.state_partition(partition);
         let manifest = Manifest {
             id: new_checkpoint_id(),
             // Never empty: a checkpoint file starts with its 32-byte header.
             chunks: bytes.len().div_ceil(CHUNK_BYTES),
             length: bytes.len(),
             crc: crc32(bytes),
+            state_partition: home,
         };
         let prefix = self.key_prefix_of(partition);
         let (count, length) = (manifest.chunks.to_string(), manifest.length.to_string());
@@ -252,8 +273,7 @@ impl StateTopic {
                 (INDEX_HEADER, index.as_str()),
                 (COUNT_HEADER, count.as_str()),
             ];
-            self.put(partition, &key, Some(chunk), &headers)
-                .map_err(fail)?;
+            self.put(home, &key, Some(chunk), &headers).map_err(fail)?;
         }
         self.acknowledged(failed_before).map_err(fail)?;
         let crc = manifest.crc.to_string();
@@ -268,7 +288,7 @@ impl StateTopic {
             manifest.id, manifest.chunks, manifest.length
         );
         self.put(
-            partition,
+            home,
             &format!("{prefix}{MANIFEST}"),
             Some(text.as_bytes()),
             &headers,
@@ -291,6 +311,20 @@ impl StateTopic {
             for old in &replaced {
                 self.delete(partition, old);
             }
+            // A manifest in another partition of the topic (written before partitions were
+            // added) is not replaced by the one just written: it is deleted too.
+            let mut elsewhere: Vec<i32> = replaced
+                .iter()
+                .map(|old| old.state_partition)
+                .filter(|&at| at != home)
+                .collect();
+            elsewhere.sort_unstable();
+            elsewhere.dedup();
+            for at in elsewhere {
+                if let Err(e) = self.put(at, &format!("{prefix}{MANIFEST}"), None, &[]) {
+                    tracing::debug!("Cannot delete an old checkpoint manifest ({e}).");
+                }
+            }
             // Settled here, so that a refused deletion is not taken for the next checkpoint's.
             if let Err(e) = self.acknowledged(context.failed.load(Ordering::Relaxed)) {
                 tracing::debug!("Old checkpoint chunks not deleted ({e}).");
@@ -305,7 +339,7 @@ impl StateTopic {
         let prefix = self.key_prefix_of(partition);
         for index in 0..old.chunks {
             let key = format!("{prefix}{}/{index}", old.id);
-            if let Err(e) = self.put(partition, &key, None, &[]) {
+            if let Err(e) = self.put(old.state_partition, &key, None, &[]) {
                 tracing::debug!("Cannot delete an old checkpoint chunk ({e}).");
                 return;
             }
@@ -314,11 +348,16 @@ impl StateTopic {
 
     /// The newest complete checkpoint (the bytes of its file) of each of `partitions` that
     /// has one in the topic. Each state-topic partition is read once, to its end.
-    pub fn read(&self, partitions: &[i32]) -> Result<BTreeMap<i32, Vec<u8>>, StateTopicError> {
-        let fail = |cause: String| StateTopicError::Read {
-            topic: self.topic.clone(),
-            cause,
-        };
+    ///
+    /// Those of `look_further` (partitions the group has read before, so that their state
+    /// should exist) not found where `p mod n` says are then looked for in the topic's other
+    /// partitions: partitions added to the topic move where `p mod n` points, but not the
+    /// checkpoints written before.
+    pub fn read(
+        &self,
+        partitions: &[i32],
+        look_further: &[i32],
+    ) -> Result<BTreeMap<i32, Vec<u8>>, StateTopicError> {
         let mut by_state_partition: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
         for &p in partitions {
             by_state_partition
@@ -328,34 +367,121 @@ impl StateTopic {
         }
         let mut found = BTreeMap::new();
         for (state_partition, inputs) in by_state_partition {
-            let mut assemblers: Vec<(i32, Assembler)> = inputs
-                .iter()
-                .map(|&p| (p, Assembler::new(self.key_prefix_of(p))))
-                .collect();
-            self.scan(state_partition, |key, headers, payload| {
-                for (_, assembler) in &mut assemblers {
-                    assembler.push(key, headers, payload);
-                }
-            })
-            .map_err(fail)?;
-            for (p, assembler) in assemblers {
-                let (complete, orphans) = assembler.finish();
-                if !orphans.is_empty() {
-                    self.orphans
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(p, orphans);
-                }
-                if let Some((manifest, bytes)) = complete {
-                    self.newest
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(p, manifest);
-                    found.insert(p, bytes);
-                }
+            for (p, (manifest, bytes)) in self.assemble(state_partition, &inputs)? {
+                self.note_newest(p, manifest);
+                found.insert(p, bytes);
             }
         }
+        let missing: Vec<i32> = look_further
+            .iter()
+            .copied()
+            .filter(|p| partitions.contains(p) && !found.contains_key(p))
+            .collect();
+        if missing.is_empty() || self.partitions == 1 {
+            return Ok(found);
+        }
+        tracing::info!(
+            ?missing,
+            "The state topic `{}` has no checkpoint of partitions {missing:?} where it keeps \
+             them now, although the group has read them: looking in its other partitions \
+             (written before partitions were added to it?).",
+            self.topic
+        );
+        let mut elsewhere: BTreeMap<i32, Found> = BTreeMap::new();
+        for state_partition in 0..self.partitions {
+            let inputs: Vec<i32> = missing
+                .iter()
+                .copied()
+                .filter(|&p| self.state_partition(p) != state_partition)
+                .collect();
+            if inputs.is_empty() {
+                continue;
+            }
+            for (p, (manifest, bytes)) in self.assemble(state_partition, &inputs)? {
+                // Found in more than one (partitions added twice): the newest is restored,
+                // the other deleted after the next checkpoint.
+                let older = match elsewhere.remove(&p) {
+                    Some(seen) if seen.0.written_at() > manifest.written_at() => {
+                        elsewhere.insert(p, seen);
+                        manifest
+                    }
+                    Some(seen) => {
+                        elsewhere.insert(p, (manifest, bytes));
+                        seen.0
+                    }
+                    None => {
+                        elsewhere.insert(p, (manifest, bytes));
+                        continue;
+                    }
+                };
+                self.note_orphans(p, vec![older]);
+            }
+        }
+        for (p, (manifest, bytes)) in elsewhere {
+            tracing::info!(
+                partition = p,
+                "Found partition {p}'s checkpoint in partition {} of the state topic `{}`; \
+                 it is moved to partition {} with the next checkpoint.",
+                manifest.state_partition,
+                self.topic,
+                self.state_partition(p)
+            );
+            self.note_newest(p, manifest);
+            found.insert(p, bytes);
+        }
         Ok(found)
+    }
+
+    /// Reads partition `state_partition` of the topic for the checkpoints of the input
+    /// partitions `inputs`: the newest complete one of each that has one. Checkpoints found
+    /// left behind are noted for deletion.
+    fn assemble(
+        &self,
+        state_partition: i32,
+        inputs: &[i32],
+    ) -> Result<Vec<(i32, Found)>, StateTopicError> {
+        let mut assemblers: Vec<(i32, Assembler)> = inputs
+            .iter()
+            .map(|&p| (p, Assembler::new(self.key_prefix_of(p), state_partition)))
+            .collect();
+        self.scan(state_partition, |key, headers, payload| {
+            for (_, assembler) in &mut assemblers {
+                assembler.push(key, headers, payload);
+            }
+        })
+        .map_err(|cause| StateTopicError::Read {
+            topic: self.topic.clone(),
+            cause,
+        })?;
+        let mut complete = Vec::new();
+        for (p, assembler) in assemblers {
+            let (newest, orphans) = assembler.finish();
+            self.note_orphans(p, orphans);
+            if let Some(newest) = newest {
+                complete.push((p, newest));
+            }
+        }
+        Ok(complete)
+    }
+
+    /// Remembers the checkpoint of `p` in the topic that the next one replaces.
+    fn note_newest(&self, p: i32, manifest: Manifest) {
+        self.newest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(p, manifest);
+    }
+
+    /// Remembers checkpoints of `p` to delete once its next one is complete.
+    fn note_orphans(&self, p: i32, orphans: Vec<Manifest>) {
+        if !orphans.is_empty() {
+            self.orphans
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(p)
+                .or_default()
+                .extend(orphans);
+        }
     }
 
     /// Reads one partition of the topic from its start to its end.
@@ -466,6 +592,8 @@ fn crc32(bytes: &[u8]) -> u32 {
 /// partition, in offset order, keeping the newest complete one.
 struct Assembler {
     key_prefix: String,
+    /// The state-topic partition being read.
+    state_partition: i32,
     /// Checkpoints whose chunks are arriving, by id.
     partial: HashMap<String, Partial>,
     complete: Option<(Manifest, Vec<u8>)>,
@@ -481,9 +609,10 @@ struct Partial {
 }
 
 impl Assembler {
-    fn new(key_prefix: String) -> Assembler {
+    fn new(key_prefix: String, state_partition: i32) -> Assembler {
         Assembler {
             key_prefix,
+            state_partition,
             partial: HashMap::new(),
             complete: None,
             seen: HashMap::new(),
@@ -522,6 +651,7 @@ impl Assembler {
                     chunks,
                     length,
                     crc,
+                    state_partition: self.state_partition,
                 });
             }
             return;
@@ -586,6 +716,7 @@ impl Assembler {
                 chunks,
                 length: 0,
                 crc: 0,
+                state_partition: self.state_partition,
             })
             .collect();
         orphans.sort_by(|a, b| a.id.cmp(&b.id));
@@ -639,7 +770,7 @@ mod tests {
 
     /// An assembler that has read `records` in order.
     fn fed(records: &[Stored]) -> Assembler {
-        let mut assembler = Assembler::new(PREFIX.to_string());
+        let mut assembler = Assembler::new(PREFIX.to_string(), 0);
         for r in records {
             let mut owned = OwnedHeaders::new();
             for (k, v) in &r.headers {
