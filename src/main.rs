@@ -248,7 +248,7 @@ fn describe(pipeline: &Pipeline) -> String {
         Emit::OnWindowClose => "on_window_close",
     };
     format!(
-        "pipeline `{}`: {} feature{} ({}), topic {} keyed by `{}`, emit {}{}",
+        "pipeline `{}`: {} feature{} ({}), topic {} keyed by `{}`, emit {}{}{}",
         pipeline.name,
         pipeline.features.len(),
         if pipeline.features.len() == 1 {
@@ -263,7 +263,11 @@ fn describe(pipeline: &Pipeline) -> String {
         pipeline
             .state_topic
             .as_ref()
-            .map_or(String::new(), |t| format!(", state topic {t}"))
+            .map_or(String::new(), |t| format!(", state topic {t}")),
+        match pipeline.guarantee {
+            featurestream::config::Guarantee::ExactlyOnce => ", exactly-once",
+            featurestream::config::Guarantee::AtLeastOnce => "",
+        }
     )
 }
 

@@ -506,6 +506,77 @@ fn a_crash_resumes_from_the_last_periodic_checkpoint() {
 }
 
 #[test]
+fn exactly_once_a_crash_neither_loses_nor_repeats_an_output() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("exactly", 3, "json", "json");
+    let state_topic = use_state_topic(&pipeline);
+    let text = std::fs::read_to_string(&pipeline).unwrap() + "guarantee: exactly_once\n";
+    std::fs::write(&pipeline, text).unwrap();
+    let first_events = events(30_000, 0);
+    produce(&input, &first_events);
+    let (first, http) = start_service(&pipeline, dir.path().join("first.log"));
+    let transactions = || {
+        metric(
+            &http_get(&format!("http://{http}/metrics")).1,
+            "featurestream_checkpoints_total",
+        )
+    };
+    wait_until(
+        Duration::from_secs(120),
+        "the first events consumed, two transactions committed",
+        || consumed(&http) >= 30_000 && transactions() >= 2,
+    );
+    // More events arrive as a stream; the service is killed while it processes them, with a
+    // transaction open: what it produced since the last commit must never be seen.
+    let second = events(20_000, 40_000);
+    let producing = {
+        let (input, second) = (input.clone(), second.clone());
+        std::thread::spawn(move || {
+            for chunk in second.chunks(500) {
+                produce(&input, chunk);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    wait_until(Duration::from_secs(60), "the stream half consumed", || {
+        consumed(&http) >= 40_000
+    });
+    assert!(consumed(&http) < 50_000, "killed mid-stream");
+    let log = first.kill();
+    assert!(log.contains("Exactly-once"), "{log}");
+    producing.join().unwrap();
+    let all: Vec<_> = first_events.iter().chain(&second).cloned().collect();
+    let second_log = run_until_recorded(&pipeline, dir.path().join("second.log"), &output, &all);
+    assert!(
+        second_log.contains(&format!(
+            "Restored partition state from its checkpoint in the state topic `{state_topic}`"
+        )),
+        "the restarted service resumed from the committed state:\n{log}\n{second_log}"
+    );
+    // Every event's own record exactly once, and no record at all twice.
+    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    let own = event_records(&streamed, &all);
+    assert_eq!(own.len(), all.len(), "no event is missing:\n{second_log}");
+    for (key, copies) in &own {
+        assert_eq!(
+            copies.len(),
+            1,
+            "the record of {key:?} was sent more than once"
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for record in &streamed {
+        assert!(seen.insert(record.to_string()), "sent twice: {record}");
+    }
+    assert_matches_replay(dir.path(), &pipeline, &all, &streamed);
+}
+
+#[test]
 fn avro_in_and_out_through_the_registry() {
     use apache_avro::types::Value as Avro;
     let Setup {

@@ -301,6 +301,7 @@ impl Compiler {
                 "sinks",
                 "dead_letter",
                 "state",
+                "guarantee",
             ],
         )?;
         let name = self
@@ -347,12 +348,33 @@ impl Compiler {
             None => Some(StateSection::default()),
             Some(node) => self.state(node),
         };
+        let guarantee = match top.get("guarantee") {
+            None => Some(Guarantee::AtLeastOnce),
+            Some(node) => {
+                match self.choice(node, "guarantee", &["at_least_once", "exactly_once"]) {
+                    Some("exactly_once") => {
+                        if state.as_ref().is_some_and(|s| s.topic.is_none()) {
+                            self.error(
+                                node.pos,
+                                "guarantee",
+                                "`exactly_once` keeps the state in the state topic, inside each \
+                             transaction: set `state.topic`",
+                            );
+                        }
+                        Some(Guarantee::ExactlyOnce)
+                    }
+                    Some(_) => Some(Guarantee::AtLeastOnce),
+                    None => None,
+                }
+            }
+        };
         self.cross_checks(&top, &facts, dead_letter_topic.is_some(), &sinks);
         let sinks = Sinks {
             kafka: sinks.kafka?,
             parquet: sinks.parquet?,
         };
-        let (name, source, features, state) = (name?, source?, features?, state?);
+        let (name, source, features, state, guarantee) =
+            (name?, source?, features?, state?, guarantee?);
         let pipeline = Pipeline {
             name,
             source,
@@ -363,6 +385,7 @@ impl Compiler {
             state_dir: state.dir,
             checkpoint_every_ms: state.checkpoint_every_ms,
             state_topic: state.topic,
+            guarantee,
         };
         Some(pipeline)
     }

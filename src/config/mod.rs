@@ -273,6 +273,20 @@ pub struct Pipeline {
     /// A Kafka topic that also holds every checkpoint, so that state follows a partition to an
     /// instance without the state folder it was written to.
     pub state_topic: Option<String>,
+    /// What `run` promises about its outputs after a failure.
+    pub guarantee: Guarantee,
+}
+
+/// Delivery guarantee of `run` (`guarantee:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Offsets committed after outputs are acknowledged and state is durable: after a failure
+    /// some outputs are sent again, with identical values.
+    AtLeastOnce,
+    /// Outputs, dead letters, state changes (in the state topic) and offsets of each
+    /// checkpoint interval in one Kafka transaction: a `read_committed` consumer sees every
+    /// output once.
+    ExactlyOnce,
 }
 
 impl Pipeline {

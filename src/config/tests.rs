@@ -394,3 +394,29 @@ fn a_state_topic_is_optional_and_named() {
     let typo = VALID.replace("state: { entity_ttl: 7d }", "state: { topik: x }");
     assert!(has(&errors(&typo), "state.topik", "topic"));
 }
+
+#[test]
+fn exactly_once_is_chosen_by_name_and_needs_a_state_topic() {
+    assert_eq!(
+        compile_source("p.yaml", VALID).unwrap().guarantee,
+        Guarantee::AtLeastOnce
+    );
+    let with_topic = VALID.replace(
+        "state: { entity_ttl: 7d }",
+        "state: { entity_ttl: 7d, topic: card-fraud-state }\nguarantee: exactly_once",
+    );
+    assert_eq!(
+        compile_source("p.yaml", &with_topic).unwrap().guarantee,
+        Guarantee::ExactlyOnce
+    );
+    let without = VALID.replace(
+        "state: { entity_ttl: 7d }",
+        "state: { entity_ttl: 7d }\nguarantee: exactly_once",
+    );
+    assert!(has(&errors(&without), "guarantee", "set `state.topic`"));
+    let typo = VALID.replace(
+        "state: { entity_ttl: 7d }",
+        "state: { entity_ttl: 7d }\nguarantee: exactly_one",
+    );
+    assert!(has(&errors(&typo), "guarantee", "exactly_once"));
+}

@@ -87,6 +87,9 @@ pub struct CheckpointStore {
     fingerprint: u64,
     /// Where checkpoints are also written, when `state.topic` is set.
     state_topic: Option<Arc<StateTopic>>,
+    /// Exactly-once: checkpoints live only in the state topic, written inside the transaction
+    /// that commits their offsets (a file written before the commit could be ahead of it).
+    topic_only: bool,
 }
 
 /// Where a restored checkpoint was read from.
@@ -146,6 +149,7 @@ impl CheckpointStore {
             topic: pipeline.source.kafka.topic.clone(),
             fingerprint: fingerprint(pipeline),
             state_topic: None,
+            topic_only: false,
         }
     }
 
@@ -153,6 +157,13 @@ impl CheckpointStore {
     /// newer one than the state folder.
     pub fn with_state_topic(mut self, state_topic: StateTopic) -> CheckpointStore {
         self.state_topic = Some(Arc::new(state_topic));
+        self
+    }
+
+    /// Keeps checkpoints in the state topic alone (exactly-once): no state-folder files are
+    /// written or read.
+    pub fn topic_only(mut self) -> CheckpointStore {
+        self.topic_only = true;
         self
     }
 
@@ -177,7 +188,8 @@ impl CheckpointStore {
         read_before: &[i32],
     ) -> Result<BTreeMap<i32, (Checkpoint, Origin)>, CheckpointError> {
         let mut found = BTreeMap::new();
-        for &p in partitions {
+        let files: &[i32] = if self.topic_only { &[] } else { partitions };
+        for &p in files {
             match self.load_file(p) {
                 Ok(Some(checkpoint)) => {
                     found.insert(p, (checkpoint, Origin::StateDir));
@@ -293,6 +305,13 @@ impl CheckpointStore {
     }
 
     pub fn save(&self, partition: i32, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        if self.topic_only
+            && let Some(state_topic) = &self.state_topic
+        {
+            return state_topic
+                .write(partition, &self.encode(checkpoint))
+                .map_err(CheckpointError::Topic);
+        }
         let path = self.path(partition);
         let write = |cause| CheckpointError::Write {
             path: path.clone(),

@@ -15,7 +15,7 @@ pub mod state_topic;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -38,7 +38,7 @@ use rdkafka::{ClientContext, Timestamp};
 use self::checkpoint::{Checkpoint, CheckpointError, CheckpointStore, Origin};
 use self::encode::Encoder;
 use self::outputs::ParquetOutputs;
-use crate::config::{Format, OnLate, Pipeline, StartOffset};
+use crate::config::{Format, Guarantee, OnLate, Pipeline, StartOffset};
 use crate::connectors::kafka::{
     BrokerStatus, TopicCheckError, check_topics, client_config, log_error, log_line,
 };
@@ -139,7 +139,7 @@ impl Shared {
 
 /// Delivery reports: failures are remembered so that no checkpoint commits past them.
 #[derive(Default)]
-struct DeliveryContext {
+pub(crate) struct DeliveryContext {
     failed: AtomicU64,
     first_error: Mutex<Option<String>>,
     status: BrokerStatus,
@@ -216,6 +216,15 @@ impl ConsumerContext for RunContext {
             }
             // Lost rather than handed over (the member was too slow or cut off): another
             // member may own them already, and a checkpoint now could overwrite its newer one.
+            if consumer.assignment_lost() && worker.exactly_once {
+                // The open transaction holds outputs of partitions another member now owns:
+                // it cannot be committed, and the state of the others is ahead of what was.
+                worker.fatal.get_or_insert(anyhow!(
+                    "partitions {partitions:?} were lost to the group (this member was cut off); \
+                     stopping, the transaction is aborted (a restart resumes from the last one committed)"
+                ));
+                return;
+            }
             if consumer.assignment_lost() {
                 tracing::warn!(
                     ?partitions,
@@ -332,7 +341,10 @@ fn committed_offsets(
 /// Everything the processing thread owns besides the consumer.
 struct Worker {
     shared: Arc<Shared>,
-    producer: Output,
+    producer: Arc<Output>,
+    /// Exactly-once: every checkpoint commits the transaction its outputs, dead letters and
+    /// state were written in, with its offsets.
+    exactly_once: bool,
     output_topic: Option<String>,
     dead_letter_topic: Option<String>,
     json: JsonDecoder,
@@ -867,6 +879,9 @@ impl Worker {
         consumer: &BaseConsumer<RunContext>,
         final_one: bool,
     ) -> anyhow::Result<bool> {
+        // Exactly-once: the state goes in the transaction with the offsets it ends at, so it is
+        // taken at once, between two batches; nothing is left for later.
+        let final_one = final_one || self.exactly_once;
         let busy = self.capturing.is_some()
             || self
                 .pending
@@ -892,6 +907,11 @@ impl Worker {
         // committed before this one starts.
         self.finish_pending(consumer, true)?;
         if let Err(e) = wait_for_deliveries(&self.producer, wait) {
+            if self.exactly_once {
+                return Err(anyhow!(
+                    "{e}; stopping, the transaction is aborted (a restart resumes from the last one committed)"
+                ));
+            }
             tracing::warn!(
                 "Outputs are not all acknowledged yet ({e}); offsets stay uncommitted until they are."
             );
@@ -955,7 +975,7 @@ impl Worker {
             for (p, checkpoint) in &files {
                 match self.store.save(*p, checkpoint) {
                     Ok(()) => {}
-                    Err(e) if e.is_state_topic() => {
+                    Err(e) if e.is_state_topic() && !self.exactly_once => {
                         tracing::warn!("{e}; offsets stay uncommitted.");
                         return Ok(false);
                     }
@@ -963,6 +983,10 @@ impl Worker {
                 }
             }
             let offsets: Vec<(i32, i64)> = files.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+            if self.exactly_once {
+                self.commit_transaction(consumer, &offsets, began)?;
+                return Ok(true);
+            }
             return Ok(self.commit(consumer, &offsets, began));
         }
         drop(engine);
@@ -1134,6 +1158,110 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Exactly-once: puts the offsets in the open transaction, commits it (its outputs, dead
+    /// letters and state with them) and begins the next. Any failure stops the service: the
+    /// transaction is then aborted, and the engine's state is ahead of what was committed.
+    fn commit_transaction(
+        &self,
+        consumer: &BaseConsumer<RunContext>,
+        offsets: &[(i32, i64)],
+        began: Instant,
+    ) -> anyhow::Result<()> {
+        let failed = |what: &str, e: KafkaError| {
+            anyhow!(
+                "cannot {what} ({e}); stopping, a restart resumes from the last transaction committed"
+            )
+        };
+        let topic = &self.shared.pipeline.source.kafka.topic;
+        let mut list = TopicPartitionList::new();
+        for &(p, next_offset) in offsets {
+            list.add_partition_offset(topic, p, Offset::Offset(next_offset))
+                .map_err(|e| failed("list the offsets to commit", e))?;
+        }
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| anyhow!("the consumer has no group metadata to commit offsets with"))?;
+        if list.count() > 0 {
+            self.producer
+                .send_offsets_to_transaction(&list, &group, TRANSACTION_CALL)
+                .map_err(|e| failed("add the offsets to the transaction", e))?;
+        }
+        self.producer
+            .commit_transaction(TRANSACTION_CALL)
+            .map_err(|e| failed("commit the transaction", e))?;
+        self.producer
+            .begin_transaction()
+            .map_err(|e| failed("begin the next transaction", e))?;
+        let name = self.shared.pipeline.name.clone();
+        metrics::counter!(telemetry::CHECKPOINTS, "pipeline" => name).increment(1);
+        tracing::debug!(
+            total_ms = began.elapsed().as_millis() as u64,
+            "Transaction committed with its state and offsets."
+        );
+        Ok(())
+    }
+}
+
+/// How long one transaction call may take.
+const TRANSACTION_CALL: Duration = Duration::from_secs(60);
+
+/// The broker aborts a transaction open for longer than this: a few checkpoint intervals, at
+/// least a minute, at most the broker's default limit (15 minutes).
+fn transaction_timeout(checkpoint_every_ms: i64) -> Duration {
+    let every = Duration::from_millis(checkpoint_every_ms.max(0) as u64);
+    (every * 3).clamp(Duration::from_secs(60), Duration::from_secs(900))
+}
+
+/// The transactional id of this instance: the same across its restarts (so that a restart
+/// aborts what the previous run left open at once), different between instances on other
+/// machines or with other state folders.
+fn transactional_id(pipeline: &Pipeline, state_dir: &Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string());
+    let folder = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let folder_hash = folder
+        .display()
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!(
+        "featurestream-{}-{}-{host}-{folder_hash:016x}",
+        pipeline.name, pipeline.source.kafka.group_id
+    )
+}
+
+/// Registers the transactional producer with its coordinator (fencing a previous run of this
+/// instance and aborting what it left open) and begins the first transaction. Retries while
+/// Kafka cannot be reached; false when a stop was asked for meanwhile.
+fn start_transactions(producer: &Output, stop: &AtomicBool) -> anyhow::Result<bool> {
+    loop {
+        match producer.init_transactions(Duration::from_secs(30)) {
+            Ok(()) => break,
+            Err(KafkaError::Transaction(e)) if e.is_retriable() => {
+                tracing::warn!("Cannot start transactions yet ({e}); retrying.");
+            }
+            Err(e) => return Err(anyhow!("cannot start transactions for exactly-once ({e})")),
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+    }
+    producer
+        .begin_transaction()
+        .map_err(|e| anyhow!("cannot begin a transaction ({e})"))?;
+    tracing::info!(
+        "Exactly-once: outputs, dead letters, state and offsets are committed together."
+    );
+    Ok(true)
+}
+
 /// A consumer error: lost connections are already reported by the client's error callback
 /// (and retried); anything else is logged here.
 fn log_poll_error(error: &KafkaError, status: &BrokerStatus) {
@@ -1249,38 +1377,66 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         }
         other => other?,
     }
-    let store = match &pipeline.state_topic {
-        Some(topic) => store.with_state_topic(
-            state_topic::StateTopic::connect(&brokers, &pipeline, topic)
-                .with_context(|| format!("cannot use the state topic `{topic}`"))?,
-        ),
-        None => store,
-    };
-
     let sink_options = pipeline
         .sinks
         .kafka
         .as_ref()
         .map(|k| k.options.clone())
         .unwrap_or_default();
-    let producer: Output = client_config(
-        &brokers,
-        &[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("linger.ms", "5"),
-            ("compression.type", "lz4"),
-            // Partition by key as Kafka's Java clients do, so that the feature topic is
-            // co-partitioned with other topics keyed by the same entity (joins downstream).
-            ("partitioner", "murmur2_random"),
-            // Retry for as long as it takes: outputs are never dropped on a broker outage.
-            ("message.timeout.ms", "0"),
-            ("queue.buffering.max.messages", "500000"),
-        ],
-        &sink_options,
-    )
-    .create_with_context(DeliveryContext::default())
-    .context("cannot create the Kafka producer")?;
+    let exactly_once = pipeline.guarantee == Guarantee::ExactlyOnce;
+    let mut settings = vec![
+        ("enable.idempotence", "true".to_string()),
+        ("acks", "all".to_string()),
+        ("linger.ms", "5".to_string()),
+        ("compression.type", "lz4".to_string()),
+        // Partition by key as Kafka's Java clients do, so that the feature topic is
+        // co-partitioned with other topics keyed by the same entity (joins downstream).
+        ("partitioner", "murmur2_random".to_string()),
+        // Retry for as long as it takes: outputs are never dropped on a broker outage.
+        ("message.timeout.ms", "0".to_string()),
+        ("queue.buffering.max.messages", "500000".to_string()),
+    ];
+    if exactly_once {
+        // A transaction spans a checkpoint interval; one left open by an instance that died
+        // is aborted by the broker after this long (or at once when the instance restarts,
+        // since it keeps its transactional id).
+        let timeout = transaction_timeout(pipeline.checkpoint_every_ms);
+        settings.extend([
+            ("transactional.id", transactional_id(&pipeline, &state_dir)),
+            ("transaction.timeout.ms", timeout.as_millis().to_string()),
+            ("message.timeout.ms", timeout.as_millis().to_string()),
+        ]);
+    }
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let producer: Arc<Output> = Arc::new(
+        client_config(&brokers, &settings, &sink_options)
+            .create_with_context(DeliveryContext::default())
+            .context("cannot create the Kafka producer")?,
+    );
+    if exactly_once && !start_transactions(&producer, &shared.stop)? {
+        tracing::info!("Stopped before Kafka could be reached; nothing was consumed.");
+        return Ok(RunReport {
+            state_dir,
+            ..RunReport::default()
+        });
+    }
+    let store = match &pipeline.state_topic {
+        Some(topic) => store.with_state_topic(
+            state_topic::StateTopic::connect(
+                &brokers,
+                &pipeline,
+                topic,
+                exactly_once.then(|| Arc::clone(&producer)),
+            )
+            .with_context(|| format!("cannot use the state topic `{topic}`"))?,
+        ),
+        None => store,
+    };
+    let store = if exactly_once {
+        store.topic_only()
+    } else {
+        store
+    };
 
     let encoder = Encoder::new(&pipeline)?;
     let avro = match source.format {
@@ -1292,6 +1448,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     let worker = Arc::new(Mutex::new(Worker {
         shared: Arc::clone(&shared),
         producer,
+        exactly_once,
         output_topic: pipeline.sinks.kafka.as_ref().map(|k| k.topic.clone()),
         dead_letter_topic: pipeline.dead_letter_topic.clone(),
         json: JsonDecoder::new(source),
@@ -1409,6 +1566,15 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         tracing::error!("Stopping: {e:#}");
         // Nothing more is committed: the offsets of records that failed stay uncommitted.
         w.closing = true;
+        if w.exactly_once {
+            // Its outputs are never seen by `read_committed` consumers; a restart resumes
+            // from the last committed transaction.
+            if let Err(abort) = w.producer.abort_transaction(Duration::from_secs(10)) {
+                tracing::warn!(
+                    "Cannot abort the open transaction ({abort}); the broker aborts it when it times out."
+                );
+            }
+        }
         return Err(e);
     }
     tracing::info!("Stopping: finishing in-flight outputs, saving state and committing offsets.");

@@ -18,8 +18,8 @@
 //! checkpoint is written where it points (the one found is then deleted).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -95,7 +95,9 @@ pub struct StateTopic {
     partitions: i32,
     brokers: String,
     options: KafkaOptions,
-    producer: ThreadedProducer<DeliveryContext>,
+    /// Its own, or (exactly-once) the service's transactional producer, so that checkpoints
+    /// are part of the transaction that commits their offsets.
+    producer: Arc<ThreadedProducer<DeliveryContext>>,
     /// The newest checkpoint of each partition in the topic, read or written by this
     /// instance: its chunks are deleted once a newer one is complete.
     newest: Mutex<HashMap<i32, Manifest>>,
@@ -133,8 +135,14 @@ fn header<'a>(
 
 impl StateTopic {
     /// Connects to the state topic of `pipeline` (known to exist): learns its partition count
-    /// and creates the producer that writes checkpoints to it.
-    pub fn connect(brokers: &str, pipeline: &Pipeline, topic: &str) -> anyhow::Result<StateTopic> {
+    /// and creates the producer that writes checkpoints to it, unless it is given one
+    /// (`transactional`: the service's, whose transactions the checkpoints are part of).
+    pub(crate) fn connect(
+        brokers: &str,
+        pipeline: &Pipeline,
+        topic: &str,
+        transactional: Option<Arc<ThreadedProducer<DeliveryContext>>>,
+    ) -> anyhow::Result<StateTopic> {
         let options = pipeline.source.kafka.options.clone();
         let client: BaseConsumer<LoggingContext> =
             client_config(brokers, &[], &options).create_with_context(LoggingContext::default())?;
@@ -149,18 +157,10 @@ impl StateTopic {
             "the state topic `{topic}` has no partitions"
         );
         warn_unless_compacted(brokers, &options, topic);
-        let producer = client_config(
-            brokers,
-            &[
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
-                ("linger.ms", "5"),
-                ("compression.type", "lz4"),
-                ("message.timeout.ms", &DEADLINE.as_millis().to_string()),
-            ],
-            &options,
-        )
-        .create_with_context(DeliveryContext::default())?;
+        let producer = match transactional {
+            Some(producer) => producer,
+            None => Arc::new(Self::producer(brokers, &options)?),
+        };
         Ok(StateTopic {
             topic: topic.to_string(),
             key_prefix: format!(
@@ -174,6 +174,25 @@ impl StateTopic {
             newest: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The producer of a state topic written outside transactions.
+    fn producer(
+        brokers: &str,
+        options: &KafkaOptions,
+    ) -> anyhow::Result<ThreadedProducer<DeliveryContext>> {
+        Ok(client_config(
+            brokers,
+            &[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "5"),
+                ("compression.type", "lz4"),
+                ("message.timeout.ms", &DEADLINE.as_millis().to_string()),
+            ],
+            options,
+        )
+        .create_with_context(DeliveryContext::default())?)
     }
 
     pub fn name(&self) -> &str {
@@ -501,6 +520,9 @@ impl StateTopic {
             ],
             &self.options,
         )
+        // Checkpoints of transactions that were aborted (exactly-once) are never restored,
+        // whatever the options say.
+        .set("isolation.level", "read_committed")
         .create_with_context(LoggingContext::default())
         .map_err(|e| e.to_string())?;
         let (low, high) = consumer

@@ -154,6 +154,8 @@ pub fn consume_all(topic: &str, expected: Option<usize>, idle: Duration) -> Vec<
         .set("group.id", unique("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
+        // What consumers of an exactly-once service must read (librdkafka's default).
+        .set("isolation.level", "read_committed")
         .create()
         .expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
