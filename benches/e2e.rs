@@ -8,7 +8,9 @@
 //! E2E_SINK_OPTIONS, default `{}`, librdkafka settings for its producer as a YAML map;
 //! E2E_QUIET_CARDS, default 0 = off: also load that many distinct cards, let the stream go
 //! quiet, and report how often checkpoints complete then, with checkpoints every 3 s;
-//! E2E_STATE_TOPIC, default 0: 1 also writes the throughput run's checkpoints to a state topic).
+//! E2E_STATE_TOPIC, default 0: 1 also writes the throughput run's checkpoints to a state topic;
+//! E2E_EXACTLY_ONCE, default 0: 1 runs the throughput run with `guarantee: exactly_once`, which
+//! implies a state topic).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,11 +58,17 @@ features:
 sinks:
   kafka: {{ topic: {output}, format: json, emit: on_update, options: {o} }}
 state: {{ entity_ttl: 7d, dir: "{d}", checkpoint_every: {c}{t} }}
+guarantee: {g}
 "#,
         b = brokers(),
         d = dir.display(),
         c = checkpoint_every,
         t = state_topic.map_or(String::new(), |t| format!(", topic: {t}")),
+        g = if state_topic.is_some() && env("E2E_EXACTLY_ONCE", 0) == 1 {
+            "exactly_once"
+        } else {
+            "at_least_once"
+        },
         o = std::env::var("E2E_SINK_OPTIONS").unwrap_or_else(|_| "{}".into())
     )
 }
@@ -88,7 +96,8 @@ fn main() {
     let (input, output) = (format!("{run}-in"), format!("{run}-out"));
     create_topics(&[&input, &output]);
     // E2E_STATE_TOPIC=1: the throughput run also writes every checkpoint to a state topic.
-    let state_topic = (env("E2E_STATE_TOPIC", 0) == 1).then(|| format!("{run}-state"));
+    let state_topic = (env("E2E_STATE_TOPIC", 0) == 1 || env("E2E_EXACTLY_ONCE", 0) == 1)
+        .then(|| format!("{run}-state"));
     if let Some(topic) = &state_topic {
         create_topics(&[topic]);
     }

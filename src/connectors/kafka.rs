@@ -30,6 +30,21 @@ pub fn client_config(brokers: &str, ours: &[(&str, &str)], options: &KafkaOption
     config
 }
 
+/// Sets, after the user's options, what the service's delivery guarantee depends on; an
+/// option that asked for something else is ignored with a warning.
+pub fn enforce(config: &mut ClientConfig, options: &KafkaOptions, required: &[(&str, &str)]) {
+    for &(key, value) in required {
+        if let Some((_, theirs)) = options.iter().find(|(k, _)| *k == key)
+            && theirs != value
+        {
+            tracing::warn!(
+                "The Kafka option `{key}: {theirs}` is ignored: the delivery guarantee needs `{key}: {value}`."
+            );
+        }
+        config.set(key, value);
+    }
+}
+
 /// Routes librdkafka's own log lines and errors into `tracing`.
 #[derive(Default)]
 pub struct LoggingContext {

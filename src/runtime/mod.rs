@@ -40,7 +40,7 @@ use self::encode::Encoder;
 use self::outputs::ParquetOutputs;
 use crate::config::{Format, Guarantee, OnLate, Pipeline, StartOffset};
 use crate::connectors::kafka::{
-    BrokerStatus, TopicCheckError, check_topics, client_config, log_error, log_line,
+    BrokerStatus, TopicCheckError, check_topics, client_config, enforce, log_error, log_line,
 };
 use crate::decode::avro::{AvroDecoder, AvroError};
 use crate::decode::json::JsonDecoder;
@@ -238,8 +238,21 @@ impl ConsumerContext for RunContext {
                 ?partitions,
                 "Partitions revoked; checkpointing them before they move."
             );
-            if let Err(e) = worker.checkpoint(consumer, true) {
-                worker.fatal.get_or_insert(e);
+            match worker.checkpoint(consumer, true) {
+                Ok(true) => {}
+                // Exactly-once: the outputs of the partitions leaving are in the open
+                // transaction without their offsets and state; it must never be committed.
+                Ok(false) if worker.exactly_once => {
+                    worker.fatal.get_or_insert(anyhow!(
+                        "partitions {partitions:?} are revoked but their checkpoint could not be \
+                         taken; stopping, the transaction is aborted (a restart resumes from the \
+                         last one committed)"
+                    ));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    worker.fatal.get_or_insert(e);
+                }
             }
             worker.release(&partitions);
         }
@@ -538,6 +551,37 @@ impl Worker {
         // Read before the engine is locked: look-ups go on meanwhile.
         let read_before: Vec<i32> = committed.keys().copied().collect();
         let mut checkpoints = self.store.load(partitions, &read_before)?;
+        // Exactly-once: a partition's committed state ends where its committed offset is. One
+        // that ends before was read past a transaction still open on its state-topic partition
+        // (a reader stops there); it is read again once that has ended. Going on from it would
+        // send committed records again.
+        let mut attempts = 0;
+        loop {
+            let behind: Vec<(i32, i64, i64)> = checkpoints
+                .iter()
+                .filter_map(|(&p, (checkpoint, _))| {
+                    let &offset = committed.get(&p)?;
+                    (checkpoint.next_offset < offset).then_some((p, checkpoint.next_offset, offset))
+                })
+                .collect();
+            if !self.exactly_once || behind.is_empty() {
+                break;
+            }
+            attempts += 1;
+            if attempts > STALE_STATE_ATTEMPTS {
+                return Err(anyhow!(
+                    "the newest state of partitions (partition, state ends at, committed offset) \
+                     {behind:?} in the state topic ends before the group's committed offset; \
+                     exactly-once cannot go on from it without sending committed records again"
+                ));
+            }
+            tracing::info!(
+                ?behind,
+                "The state read ends before the committed offsets; reading it again."
+            );
+            std::thread::sleep(Duration::from_secs(2));
+            checkpoints = self.store.load(partitions, &read_before)?;
+        }
         let topic = self.shared.pipeline.source.kafka.topic.clone();
         let mut starts = BTreeMap::new();
         let now = now_ms();
@@ -589,6 +633,9 @@ impl Worker {
                         _ => ends,
                     };
                     starts.insert(p, start);
+                    // Checkpointed from now on even if no record of it comes: time alone
+                    // changes its state (and sends records) too.
+                    self.positions.insert(p, start);
                 }
                 None => {
                     engine.assign(p as u32, now);
@@ -1206,11 +1253,17 @@ impl Worker {
 /// How long one transaction call may take.
 const TRANSACTION_CALL: Duration = Duration::from_secs(60);
 
-/// The broker aborts a transaction open for longer than this: a few checkpoint intervals, at
-/// least a minute, at most the broker's default limit (15 minutes).
+/// How many times (2 s apart) a state read that ends before the committed offsets is read
+/// again before exactly-once gives up.
+const STALE_STATE_ATTEMPTS: u32 = 15;
+
+/// The broker aborts a transaction open for longer than this: a few checkpoint intervals, and
+/// at least five minutes (a checkpoint may wait a minute for acknowledgements and a rebalance
+/// two for the state topic while a transaction is open), at most the broker's default limit
+/// (15 minutes).
 fn transaction_timeout(checkpoint_every_ms: i64) -> Duration {
     let every = Duration::from_millis(checkpoint_every_ms.max(0) as u64);
-    (every * 3).clamp(Duration::from_secs(60), Duration::from_secs(900))
+    (every * 3).clamp(Duration::from_secs(300), Duration::from_secs(900))
 }
 
 /// The transactional id of this instance: the same across its restarts (so that a restart
@@ -1408,8 +1461,14 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         ]);
     }
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut producer_config = client_config(&brokers, &settings, &sink_options);
+    enforce(
+        &mut producer_config,
+        &sink_options,
+        &[("enable.idempotence", "true"), ("acks", "all")],
+    );
     let producer: Arc<Output> = Arc::new(
-        client_config(&brokers, &settings, &sink_options)
+        producer_config
             .create_with_context(DeliveryContext::default())
             .context("cannot create the Kafka producer")?,
     );
@@ -1469,7 +1528,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         StartOffset::Earliest => "earliest",
         StartOffset::Latest => "latest",
     };
-    let consumer: BaseConsumer<RunContext> = client_config(
+    let mut consumer_config = client_config(
         &brokers,
         &[
             ("group.id", source.kafka.group_id.as_str()),
@@ -1479,12 +1538,20 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
             ("fetch.wait.max.ms", "50"),
         ],
         &source.kafka.options,
-    )
-    .create_with_context(RunContext {
-        worker: Arc::clone(&worker),
-        status: BrokerStatus::default(),
-    })
-    .context("cannot create the Kafka consumer")?;
+    );
+    // Offsets are committed by checkpoints only (with exactly-once, inside the transaction),
+    // and exactly-once never reads what an aborted upstream transaction wrote.
+    let mut required = vec![("enable.auto.commit", "false")];
+    if exactly_once {
+        required.push(("isolation.level", "read_committed"));
+    }
+    enforce(&mut consumer_config, &source.kafka.options, &required);
+    let consumer: BaseConsumer<RunContext> = consumer_config
+        .create_with_context(RunContext {
+            worker: Arc::clone(&worker),
+            status: BrokerStatus::default(),
+        })
+        .context("cannot create the Kafka consumer")?;
     consumer
         .subscribe(&[source.kafka.topic.as_str()])
         .context("cannot subscribe to the input topic")?;
@@ -1579,13 +1646,27 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     }
     tracing::info!("Stopping: finishing in-flight outputs, saving state and committing offsets.");
     let mut attempts = 0;
-    while !w.checkpoint(&consumer, true)? {
-        attempts += 1;
-        if attempts >= 3 {
-            return Err(anyhow!(
-                "could not make the last outputs durable; offsets since the previous checkpoint stay uncommitted"
-            ));
+    let last = loop {
+        match w.checkpoint(&consumer, true) {
+            Ok(true) => break Ok(()),
+            Ok(false) if attempts < 2 => attempts += 1,
+            Ok(false) => {
+                break Err(anyhow!(
+                    "could not make the last outputs durable; offsets since the previous checkpoint stay uncommitted"
+                ));
+            }
+            Err(e) => break Err(e),
         }
+    };
+    if let Err(e) = last {
+        if w.exactly_once
+            && let Err(abort) = w.producer.abort_transaction(Duration::from_secs(10))
+        {
+            tracing::warn!(
+                "Cannot abort the open transaction ({abort}); the broker aborts it when it times out."
+            );
+        }
+        return Err(e);
     }
     let counters = &shared.counters;
     let report = RunReport {

@@ -18,7 +18,7 @@
 //! checkpoint is written where it points (the one found is then deleted).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -92,7 +92,12 @@ pub struct StateTopic {
     topic: String,
     /// `<pipeline>/<group>/<input topic>-`: the partition number and `/` follow.
     key_prefix: String,
-    partitions: i32,
+    /// The topic's partition count, asked again at every read and at most every
+    /// [`RECOUNT_EVERY`] when writing: partitions added while instances run are then used by
+    /// all of them alike.
+    partitions: AtomicI32,
+    counted: Mutex<Instant>,
+    metadata: BaseConsumer<LoggingContext>,
     brokers: String,
     options: KafkaOptions,
     /// Its own, or (exactly-once) the service's transactional producer, so that checkpoints
@@ -110,7 +115,7 @@ impl std::fmt::Debug for StateTopic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StateTopic")
             .field("topic", &self.topic)
-            .field("partitions", &self.partitions)
+            .field("partitions", &self.partitions.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -146,12 +151,7 @@ impl StateTopic {
         let options = pipeline.source.kafka.options.clone();
         let client: BaseConsumer<LoggingContext> =
             client_config(brokers, &[], &options).create_with_context(LoggingContext::default())?;
-        let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let partitions = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map_or(0, |t| t.partitions().len()) as i32;
+        let partitions = count_partitions(&client, topic)?;
         anyhow::ensure!(
             partitions > 0,
             "the state topic `{topic}` has no partitions"
@@ -167,13 +167,37 @@ impl StateTopic {
                 "{}/{}/{}-",
                 pipeline.name, pipeline.source.kafka.group_id, pipeline.source.kafka.topic
             ),
-            partitions,
+            partitions: AtomicI32::new(partitions),
+            counted: Mutex::new(Instant::now()),
+            metadata: client,
             brokers: brokers.to_string(),
             options,
             producer,
             newest: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Asks the topic's partition count again (`now`, or when last asked over
+    /// [`RECOUNT_EVERY`] ago); keeps the last known one when Kafka does not answer.
+    fn recount(&self, now: bool) {
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        if !now && counted.elapsed() < RECOUNT_EVERY {
+            return;
+        }
+        *counted = Instant::now();
+        match count_partitions(&self.metadata, &self.topic) {
+            Ok(n) if n > 0 => {
+                let before = self.partitions.swap(n, Ordering::Relaxed);
+                if before != n {
+                    tracing::info!(
+                        "The state topic `{}` has {n} partitions now ({before} before).",
+                        self.topic
+                    );
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The producer of a state topic written outside transactions.
@@ -204,7 +228,7 @@ impl StateTopic {
     }
 
     fn state_partition(&self, partition: i32) -> i32 {
-        partition.rem_euclid(self.partitions)
+        partition.rem_euclid(self.partitions.load(Ordering::Relaxed).max(1))
     }
 
     /// Queues one record for partition `state_partition` of the topic; `payload` `None` is a
@@ -258,6 +282,7 @@ impl StateTopic {
     /// Writes one checkpoint (the bytes of its file), waits until Kafka has acknowledged it,
     /// then deletes the partition's previous one.
     pub fn write(&self, partition: i32, bytes: &[u8]) -> Result<(), StateTopicError> {
+        self.recount(false);
         let fail = |cause: String| StateTopicError::Write {
             topic: self.topic.clone(),
             partition,
@@ -377,6 +402,7 @@ impl StateTopic {
         partitions: &[i32],
         look_further: &[i32],
     ) -> Result<BTreeMap<i32, Vec<u8>>, StateTopicError> {
+        self.recount(true);
         let mut by_state_partition: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
         for &p in partitions {
             by_state_partition
@@ -396,7 +422,8 @@ impl StateTopic {
             .copied()
             .filter(|p| partitions.contains(p) && !found.contains_key(p))
             .collect();
-        if missing.is_empty() || self.partitions == 1 {
+        let count = self.partitions.load(Ordering::Relaxed);
+        if missing.is_empty() || count == 1 {
             return Ok(found);
         }
         tracing::info!(
@@ -407,7 +434,7 @@ impl StateTopic {
             self.topic
         );
         let mut elsewhere: BTreeMap<i32, Found> = BTreeMap::new();
-        for state_partition in 0..self.partitions {
+        for state_partition in 0..count {
             let inputs: Vec<i32> = missing
                 .iter()
                 .copied()
@@ -555,7 +582,9 @@ impl StateTopic {
                         message.headers(),
                         message.payload(),
                     );
-                    // Records written after the read began need not be waited for.
+                    // Records written after the read began need not be waited for. (Written
+                    // in transactions, the last offset is a commit marker, never delivered:
+                    // the end-of-partition event ends the read then.)
                     if message.offset() >= high - 1 {
                         return Ok(());
                     }
@@ -563,6 +592,18 @@ impl StateTopic {
             }
         }
     }
+}
+
+/// How often a writer asks the state topic's partition count again.
+const RECOUNT_EVERY: Duration = Duration::from_secs(30);
+
+fn count_partitions(client: &BaseConsumer<LoggingContext>, topic: &str) -> anyhow::Result<i32> {
+    let metadata = client.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len()) as i32)
 }
 
 /// Says so when the state topic deletes by age rather than compacting: a partition quiet for
@@ -652,12 +693,21 @@ impl Assembler {
             return; // another partition, pipeline or group sharing the topic partition
         };
         let Some(payload) = payload else {
+            if rest == MANIFEST.as_bytes() {
+                // The manifest deleted: its checkpoint moved to another partition of the
+                // topic (partitions were added), and this one is no longer the newest.
+                self.complete = None;
+                return;
+            }
             // A deleted chunk: its checkpoint's id is the first part of the key.
             if let Some(id) = std::str::from_utf8(rest)
                 .ok()
                 .and_then(|r| r.split_once('/'))
                 .map(|(id, _)| id)
             {
+                if self.complete.as_ref().is_some_and(|(m, _)| m.id == id) {
+                    self.complete = None;
+                }
                 self.deleted.insert(id.to_string());
             }
             return;
@@ -885,6 +935,25 @@ mod tests {
         let mut deleted = written(PREFIX, "a", &first, 30);
         deleted[2].payload = None;
         assert_eq!(assemble(&deleted), None);
+    }
+
+    #[test]
+    fn a_deleted_checkpoint_is_not_read() {
+        let data: Vec<u8> = (0..90u8).collect();
+        let mut records = written(PREFIX, "a", &data, 30);
+        records.push(Stored {
+            key: format!("{PREFIX}{MANIFEST}"),
+            headers: Vec::new(),
+            payload: None,
+        });
+        assert_eq!(assemble(&records), None);
+        let mut records = written(PREFIX, "a", &data, 30);
+        records.push(Stored {
+            key: format!("{PREFIX}a/1"),
+            headers: Vec::new(),
+            payload: None,
+        });
+        assert_eq!(assemble(&records), None);
     }
 
     #[test]
