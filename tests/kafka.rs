@@ -577,6 +577,68 @@ fn exactly_once_a_crash_neither_loses_nor_repeats_an_output() {
 }
 
 #[test]
+fn exactly_once_partitions_move_between_instances_without_a_repeat() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("exactlymove", 3, "json", "json");
+    let state_topic = use_state_topic(&pipeline);
+    let text = std::fs::read_to_string(&pipeline).unwrap() + "guarantee: exactly_once\n";
+    std::fs::write(&pipeline, text).unwrap();
+    // Another machine: a state folder of its own (and so a transactional id of its own).
+    let pipeline_b = with_own_state_folder(dir.path(), &pipeline);
+    let first_batch = events(12_000, 0);
+    produce(&input, &first_batch);
+    let (a, http_a) = start_service(&pipeline, dir.path().join("a.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the first instance consuming",
+        || consumed(&http_a) >= 1000,
+    );
+    let (b, http_b) = start_service(&pipeline_b, dir.path().join("b.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the second instance owning partitions",
+        || http_get(&format!("http://{http_b}/readyz")).0 == 200,
+    );
+    let second_batch = events(6_000, 12_000);
+    produce(&input, &second_batch);
+    let all: Vec<_> = first_batch.iter().chain(&second_batch).cloned().collect();
+    wait_for_every_event_record(&output, &all);
+    let (status_a, log_a) = a.terminate();
+    let (status_b, log_b) = b.terminate();
+    assert!(status_a.success(), "{log_a}");
+    assert!(status_b.success(), "{log_b}");
+    assert!(log_a.contains("Partitions revoked"), "{log_a}");
+    assert!(
+        log_b.contains(&format!(
+            "Restored partition state from its checkpoint in the state topic `{state_topic}`"
+        )),
+        "{log_b}"
+    );
+    // The transaction committed at the hand-over holds the outputs, state and offsets of the
+    // partitions that moved: no record is sent twice, and all equal a single replay.
+    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
+    let own = event_records(&streamed, &all);
+    assert_eq!(own.len(), all.len());
+    for (key, copies) in &own {
+        assert_eq!(
+            copies.len(),
+            1,
+            "the record of {key:?} was sent more than once"
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for record in &streamed {
+        assert!(seen.insert(record.to_string()), "sent twice: {record}");
+    }
+    assert_matches_replay(dir.path(), &pipeline, &all, &streamed);
+}
+
+#[test]
 fn avro_in_and_out_through_the_registry() {
     use apache_avro::types::Value as Avro;
     let Setup {
