@@ -278,12 +278,15 @@ impl ConsumerContext for RunContext {
                     .iter()
                     .map(|e| e.partition())
                     .collect();
-                let committed = committed_offsets(consumer, assignment);
+                let exactly_once = self.lock().exactly_once;
+                let committed = committed_offsets(consumer, assignment, exactly_once);
                 let (starts, topic) = {
                     let mut worker = self.lock();
                     tracing::info!(?partitions, "Partitions assigned.");
                     let topic = worker.pipeline().source.kafka.topic.clone();
-                    match worker.adopt(consumer, &partitions, &committed) {
+                    let adopted = committed
+                        .and_then(|committed| worker.adopt(consumer, &partitions, &committed));
+                    match adopted {
                         Ok(starts) => (starts, topic),
                         Err(e) => {
                             worker.fatal.get_or_insert(e);
@@ -330,23 +333,30 @@ impl ConsumerContext for RunContext {
 /// The group's committed offset of each partition in `assigned` that has one. Asked before
 /// the assigned partitions are restored, to tell a partition the group never read from one
 /// whose state was built elsewhere; when the group coordinator cannot say (within 10 s),
-/// nothing is known and the map is empty.
+/// nothing is known: the map is empty, or (exactly-once, which must know where the committed
+/// state ends) an error.
 fn committed_offsets(
     consumer: &BaseConsumer<RunContext>,
     assigned: &TopicPartitionList,
-) -> BTreeMap<i32, i64> {
+    exactly_once: bool,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
     match consumer.committed_offsets(assigned.clone(), Duration::from_secs(10)) {
-        Ok(list) => list
+        Ok(list) => Ok(list
             .elements()
             .iter()
             .filter_map(|e| match e.offset() {
                 Offset::Offset(offset) => Some((e.partition(), offset)),
                 _ => None,
             })
-            .collect(),
+            .collect()),
+        Err(e) if exactly_once => Err(anyhow!(
+            "cannot read the group's committed offsets ({e}); a transaction of an instance that \
+             stopped while committing may still be open: it ends when that instance restarts, \
+             or when the broker times it out"
+        )),
         Err(e) => {
             tracing::warn!("Cannot read the group's committed offsets ({e}).");
-            BTreeMap::new()
+            Ok(BTreeMap::new())
         }
     }
 }
@@ -557,11 +567,13 @@ impl Worker {
         // send committed records again.
         let mut attempts = 0;
         loop {
-            let behind: Vec<(i32, i64, i64)> = checkpoints
+            // `(partition, where its state ends (-1: no state), committed offset)`
+            let behind: Vec<(i32, i64, i64)> = committed
                 .iter()
-                .filter_map(|(&p, (checkpoint, _))| {
-                    let &offset = committed.get(&p)?;
-                    (checkpoint.next_offset < offset).then_some((p, checkpoint.next_offset, offset))
+                .filter(|(p, _)| partitions.contains(p))
+                .filter_map(|(&p, &offset)| {
+                    let ends = checkpoints.get(&p).map_or(-1, |(c, _)| c.next_offset);
+                    (ends < offset).then_some((p, ends, offset))
                 })
                 .collect();
             if !self.exactly_once || behind.is_empty() {
@@ -570,9 +582,14 @@ impl Worker {
             attempts += 1;
             if attempts > STALE_STATE_ATTEMPTS {
                 return Err(anyhow!(
-                    "the newest state of partitions (partition, state ends at, committed offset) \
-                     {behind:?} in the state topic ends before the group's committed offset; \
-                     exactly-once cannot go on from it without sending committed records again"
+                    "the state topic's newest state of partitions (partition, state ends at \
+                     (-1: none), committed offset) {behind:?} ends before the group's committed \
+                     offset, and exactly-once cannot go on from it without sending committed \
+                     records again or losing state. A transaction of an instance that stopped \
+                     while committing may hide the newer state: it ends when that instance \
+                     restarts or when the broker times it out; start again then. If the state \
+                     topic really lacks it (the group ran without it before), start a new \
+                     group_id to rebuild the state from the input topic"
                 ));
             }
             tracing::info!(
@@ -1255,7 +1272,7 @@ const TRANSACTION_CALL: Duration = Duration::from_secs(60);
 
 /// How many times (2 s apart) a state read that ends before the committed offsets is read
 /// again before exactly-once gives up.
-const STALE_STATE_ATTEMPTS: u32 = 15;
+const STALE_STATE_ATTEMPTS: u32 = 10;
 
 /// The broker aborts a transaction open for longer than this: a few checkpoint intervals, and
 /// at least five minutes (a checkpoint may wait a minute for acknowledgements and a rebalance
@@ -1659,6 +1676,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         }
     };
     if let Err(e) = last {
+        w.closing = true;
         if w.exactly_once
             && let Err(abort) = w.producer.abort_transaction(Duration::from_secs(10))
         {

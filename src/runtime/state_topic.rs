@@ -186,7 +186,10 @@ impl StateTopic {
             return;
         }
         *counted = Instant::now();
-        match count_partitions(&self.metadata, &self.topic) {
+        let count = count_partitions(&self.metadata, &self.topic);
+        // Serves the client's queue (its log lines and errors), which nothing else polls.
+        let _ = self.metadata.poll(Duration::ZERO);
+        match count {
             Ok(n) if n > 0 => {
                 let before = self.partitions.swap(n, Ordering::Relaxed);
                 if before != n {
