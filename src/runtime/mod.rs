@@ -1471,6 +1471,20 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         // is aborted by the broker after this long (or at once when the instance restarts,
         // since it keeps its transactional id).
         let timeout = transaction_timeout(pipeline.checkpoint_every_ms);
+        if let Some((_, theirs)) = sink_options
+            .iter()
+            .find(|(k, _)| *k == "transaction.timeout.ms")
+            && theirs
+                .parse::<u128>()
+                .is_ok_and(|ms| ms < timeout.as_millis())
+        {
+            tracing::warn!(
+                "`transaction.timeout.ms: {theirs}` is shorter than the {} ms exactly-once \
+                 would use: a checkpoint waiting for acknowledgements, or a rebalance reading \
+                 the state topic, can outlast it, and the service then stops.",
+                timeout.as_millis()
+            );
+        }
         settings.extend([
             ("transactional.id", transactional_id(&pipeline, &state_dir)),
             ("transaction.timeout.ms", timeout.as_millis().to_string()),
