@@ -212,3 +212,31 @@ pub fn check_topics(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn options_cannot_undo_what_a_guarantee_needs() {
+        let options = KafkaOptions(
+            [("enable.auto.commit", "true"), ("fetch.wait.max.ms", "10")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), Secret(v.to_string())))
+                .collect(),
+        );
+        let mut config = client_config(
+            "127.0.0.1:9092",
+            &[("enable.auto.commit", "false"), ("fetch.wait.max.ms", "50")],
+            &options,
+        );
+        // Options win over our defaults...
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(config.get("enable.auto.commit"), Some("true"));
+        // ...but not over what the delivery guarantee needs.
+        enforce(&mut config, &options, &[("enable.auto.commit", "false")]);
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("10"));
+    }
+}
