@@ -506,6 +506,71 @@ fn a_crash_resumes_from_the_last_periodic_checkpoint() {
 }
 
 #[test]
+fn a_restored_partition_without_new_records_keeps_what_time_changed() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("quietpart", 3, "json", "json");
+    // Partitions count as idle after a second without records, so that the watermark moves on
+    // without partition 2.
+    let text = std::fs::read_to_string(&pipeline)
+        .unwrap()
+        .replace("idle_timeout: 10m", "idle_timeout: 1s");
+    std::fs::write(&pipeline, text).unwrap();
+    let first = events(3_000, 0);
+    produce(&input, &first);
+    run_until_recorded(&pipeline, dir.path().join("a.log"), &output, &first);
+    // Two hours later, records for partitions 0 and 1 only: the second run restores partition
+    // 2 and, once it is idle, time alone moves its entities' windows (their records are sent).
+    let second: Vec<_> = events(3_000, 7_200)
+        .into_iter()
+        .filter(|(p, _, _)| *p != 2)
+        .collect();
+    produce(&input, &second);
+    let (b, http_b) = start_service(&pipeline, dir.path().join("b.log"));
+    wait_for_every_event_record(&output, &second);
+    let produced = |http: &str| {
+        metric(
+            &http_get(&format!("http://{http}/metrics")).1,
+            "featurestream_records_produced_total",
+        )
+    };
+    let settled = std::cell::Cell::new((0, std::time::Instant::now()));
+    wait_until(
+        Duration::from_secs(60),
+        "the second run's records settled",
+        || {
+            let now = produced(&http_b);
+            if now != settled.get().0 {
+                settled.set((now, std::time::Instant::now()));
+            }
+            settled.get().1.elapsed() > Duration::from_secs(3)
+        },
+    );
+    let (status, log_b) = b.terminate();
+    assert!(status.success(), "{log_b}");
+    // A third run has nothing new to read: what time changed in partition 2 was checkpointed
+    // with it, so no record is sent again.
+    let (c, http_c) = start_service(&pipeline, dir.path().join("c.log"));
+    wait_until(
+        Duration::from_secs(120),
+        "the third run owning its partitions",
+        || http_get(&format!("http://{http_c}/readyz")).0 == 200,
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let again = produced(&http_c);
+    let (status, log_c) = c.terminate();
+    assert!(status.success(), "{log_c}");
+    assert_eq!(
+        again, 0,
+        "records sent again after a restart:\n{log_b}\n{log_c}"
+    );
+}
+
+#[test]
 fn exactly_once_a_crash_neither_loses_nor_repeats_an_output() {
     let Setup {
         dir,
