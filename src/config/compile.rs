@@ -52,6 +52,10 @@ const DEFAULT_STATE_DIR: &str = "data/state";
 const DEFAULT_CHECKPOINT_EVERY_MS: i64 = 5_000;
 
 /// The `state:` section.
+/// The longest checkpoint interval exactly-once allows: three of them fit in the brokers'
+/// default `transaction.max.timeout.ms` (15 minutes).
+const MAX_EXACTLY_ONCE_CHECKPOINT_MS: i64 = 5 * 60 * 1000;
+
 struct StateSection {
     entity_ttl_ms: Option<i64>,
     dir: String,
@@ -358,7 +362,19 @@ impl Compiler {
                                 node.pos,
                                 "guarantee",
                                 "`exactly_once` keeps the state in the state topic, inside each \
-                             transaction: set `state.topic`",
+                                 transaction: set `state.topic`",
+                            );
+                        }
+                        if state
+                            .as_ref()
+                            .is_some_and(|s| s.checkpoint_every_ms > MAX_EXACTLY_ONCE_CHECKPOINT_MS)
+                        {
+                            self.error(
+                                node.pos,
+                                "guarantee",
+                                "with `exactly_once`, `state.checkpoint_every` is at most 5m: a \
+                                 transaction spans one interval, and brokers abort transactions \
+                                 open for 15 minutes by default",
                             );
                         }
                         Some(Guarantee::ExactlyOnce)

@@ -419,4 +419,9 @@ fn exactly_once_is_chosen_by_name_and_needs_a_state_topic() {
         "state: { entity_ttl: 7d }\nguarantee: exactly_one",
     );
     assert!(has(&errors(&typo), "guarantee", "exactly_once"));
+    let slow = VALID.replace(
+        "state: { entity_ttl: 7d }",
+        "state: { topic: s, checkpoint_every: 10m }\nguarantee: exactly_once",
+    );
+    assert!(has(&errors(&slow), "guarantee", "at most 5m"));
 }

@@ -207,15 +207,11 @@ impl CheckpointStore {
         let Some(state_topic) = &self.state_topic else {
             return Ok(found);
         };
-        // A partition the group has read before has state somewhere: if it is in neither
-        // place it is looked for first, the state topic looks in all of its partitions.
-        let look_further: Vec<i32> = read_before
-            .iter()
-            .copied()
-            .filter(|p| !found.contains_key(p))
-            .collect();
+        // A partition the group has read before has state in the topic: if it is not where
+        // it is looked for first, the topic looks in all of its partitions (a state-folder
+        // file may be older).
         for (p, bytes) in state_topic
-            .read(partitions, &look_further)
+            .read(partitions, read_before)
             .map_err(CheckpointError::Topic)?
         {
             let checkpoint = self.decode(bytes).map_err(|e| match e {

@@ -30,7 +30,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{DeliveryContext, send_until};
 use crate::config::{KafkaOptions, Pipeline};
-use crate::connectors::kafka::{LoggingContext, client_config};
+use crate::connectors::kafka::{LoggingContext, client_config, enforce};
 
 /// Chunk size: half of Kafka's default largest record (1 MB), headroom for key and headers.
 const CHUNK_BYTES: usize = 512 * 1024;
@@ -208,7 +208,7 @@ impl StateTopic {
         brokers: &str,
         options: &KafkaOptions,
     ) -> anyhow::Result<ThreadedProducer<DeliveryContext>> {
-        Ok(client_config(
+        let mut config = client_config(
             brokers,
             &[
                 ("enable.idempotence", "true"),
@@ -218,8 +218,13 @@ impl StateTopic {
                 ("message.timeout.ms", &DEADLINE.as_millis().to_string()),
             ],
             options,
-        )
-        .create_with_context(DeliveryContext::default())?)
+        );
+        enforce(
+            &mut config,
+            options,
+            &[("enable.idempotence", "true"), ("acks", "all")],
+        );
+        Ok(config.create_with_context(DeliveryContext::default())?)
     }
 
     pub fn name(&self) -> &str {
