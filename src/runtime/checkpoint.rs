@@ -6,7 +6,9 @@
 //! older committed offset; records below the checkpoint's offset are then skipped, because the
 //! restored state already holds them. The service serialises the state on its processing
 //! thread and hands the files to a background writer (one checkpoint in flight at a time);
-//! the offsets are committed only after the writer has synced every file.
+//! the offsets are committed only after the writer has synced every file. With exactly-once
+//! the checkpoint lives in the state topic alone, inside the transaction that commits its
+//! offsets (`CheckpointStore::topic_only`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};

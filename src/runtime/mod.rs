@@ -7,6 +7,12 @@
 //! partition's state with its next offset, and only then commits those offsets. The state is
 //! taken as it is when a checkpoint begins but serialised a slice at a time between batches
 //! (see `Engine::begin_snapshot`), so a checkpoint does not stop the stream.
+//!
+//! With `guarantee: exactly_once` the producer is transactional and each checkpoint, taken at
+//! once between two batches, commits one transaction: the outputs and dead letters since the
+//! last one, every partition's state (in the state topic, through the same producer) and the
+//! offsets. Anything that leaves a transaction uncertain stops the service; a restart resumes
+//! from the last one committed.
 
 pub mod checkpoint;
 pub mod encode;
