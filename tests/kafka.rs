@@ -579,9 +579,7 @@ fn exactly_once_a_crash_neither_loses_nor_repeats_an_output() {
         dlq: _,
         pipeline,
     } = setup("exactly", 3, "json", "json");
-    let state_topic = use_state_topic(&pipeline);
-    let text = std::fs::read_to_string(&pipeline).unwrap() + "guarantee: exactly_once\n";
-    std::fs::write(&pipeline, text).unwrap();
+    let state_topic = use_exactly_once(&pipeline);
     let first_events = events(30_000, 0);
     produce(&input, &first_events);
     let (first, http) = start_service(&pipeline, dir.path().join("first.log"));
@@ -623,21 +621,7 @@ fn exactly_once_a_crash_neither_loses_nor_repeats_an_output() {
         )),
         "the restarted service resumed from the committed state:\n{log}\n{second_log}"
     );
-    // Every event's own record exactly once, and no record at all twice.
-    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
-    let own = event_records(&streamed, &all);
-    assert_eq!(own.len(), all.len(), "no event is missing:\n{second_log}");
-    for (key, copies) in &own {
-        assert_eq!(
-            copies.len(),
-            1,
-            "the record of {key:?} was sent more than once"
-        );
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for record in &streamed {
-        assert!(seen.insert(record.to_string()), "sent twice: {record}");
-    }
+    let streamed = assert_every_record_once(&output, &all, &second_log);
     assert_matches_replay(dir.path(), &pipeline, &all, &streamed);
 }
 
@@ -650,9 +634,7 @@ fn exactly_once_partitions_move_between_instances_without_a_repeat() {
         dlq: _,
         pipeline,
     } = setup("exactlymove", 3, "json", "json");
-    let state_topic = use_state_topic(&pipeline);
-    let text = std::fs::read_to_string(&pipeline).unwrap() + "guarantee: exactly_once\n";
-    std::fs::write(&pipeline, text).unwrap();
+    let state_topic = use_exactly_once(&pipeline);
     // Another machine: a state folder of its own (and so a transactional id of its own).
     let pipeline_b = with_own_state_folder(dir.path(), &pipeline);
     let first_batch = events(12_000, 0);
@@ -686,20 +668,7 @@ fn exactly_once_partitions_move_between_instances_without_a_repeat() {
     );
     // The transaction committed at the hand-over holds the outputs, state and offsets of the
     // partitions that moved: no record is sent twice, and all equal a single replay.
-    let streamed = parse(&consume_all(&output, None, Duration::from_secs(5)));
-    let own = event_records(&streamed, &all);
-    assert_eq!(own.len(), all.len());
-    for (key, copies) in &own {
-        assert_eq!(
-            copies.len(),
-            1,
-            "the record of {key:?} was sent more than once"
-        );
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for record in &streamed {
-        assert!(seen.insert(record.to_string()), "sent twice: {record}");
-    }
+    let streamed = assert_every_record_once(&output, &all, &log_b);
     assert_matches_replay(dir.path(), &pipeline, &all, &streamed);
 }
 

@@ -524,6 +524,39 @@ pub fn use_state_topic(pipeline: &Path) -> String {
     topic
 }
 
+/// Makes the pipeline file exactly-once, with a new state topic of one partition; returns the
+/// topic's name.
+pub fn use_exactly_once(pipeline: &Path) -> String {
+    let topic = use_state_topic(pipeline);
+    let text = std::fs::read_to_string(pipeline).unwrap() + "guarantee: exactly_once\n";
+    std::fs::write(pipeline, text).unwrap();
+    topic
+}
+
+/// Reads `output` as a `read_committed` consumer does and checks exactly-once: every event of
+/// `input` has its own record once, and no record at all is there twice. Returns the records.
+pub fn assert_every_record_once(
+    output: &str,
+    input: &[(i32, String, Vec<u8>)],
+    log: &str,
+) -> Vec<Value> {
+    let streamed = parse(&consume_all(output, None, Duration::from_secs(5)));
+    let own = event_records(&streamed, input);
+    assert_eq!(own.len(), input.len(), "no event is missing:\n{log}");
+    for (key, copies) in &own {
+        assert_eq!(
+            copies.len(),
+            1,
+            "the record of {key:?} was sent more than once"
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for record in &streamed {
+        assert!(seen.insert(record.to_string()), "sent twice: {record}");
+    }
+    streamed
+}
+
 /// The same pipeline file for a second instance of the group, with a state folder of its own
 /// (`dir/state-b`), as on another machine.
 pub fn with_own_state_folder(dir: &Path, pipeline: &Path) -> PathBuf {
