@@ -637,29 +637,8 @@ fn exactly_once_partitions_move_between_instances_without_a_repeat() {
     let state_topic = use_exactly_once(&pipeline);
     // Another machine: a state folder of its own (and so a transactional id of its own).
     let pipeline_b = with_own_state_folder(dir.path(), &pipeline);
-    let first_batch = events(12_000, 0);
-    produce(&input, &first_batch);
-    let (a, http_a) = start_service(&pipeline, dir.path().join("a.log"));
-    wait_until(
-        Duration::from_secs(120),
-        "the first instance consuming",
-        || consumed(&http_a) >= 1000,
-    );
-    let (b, http_b) = start_service(&pipeline_b, dir.path().join("b.log"));
-    wait_until(
-        Duration::from_secs(120),
-        "the second instance owning partitions",
-        || http_get(&format!("http://{http_b}/readyz")).0 == 200,
-    );
-    let second_batch = events(6_000, 12_000);
-    produce(&input, &second_batch);
-    let all: Vec<_> = first_batch.iter().chain(&second_batch).cloned().collect();
-    wait_for_every_event_record(&output, &all);
-    let (status_a, log_a) = a.terminate();
-    let (status_b, log_b) = b.terminate();
-    assert!(status_a.success(), "{log_a}");
-    assert!(status_b.success(), "{log_b}");
-    assert!(log_a.contains("Partitions revoked"), "{log_a}");
+    let HandOver { all, log_b, .. } =
+        hand_over(dir.path(), &input, &output, &pipeline, &pipeline_b);
     assert!(
         log_b.contains(&format!(
             "Restored partition state from its checkpoint in the state topic `{state_topic}`"
@@ -828,37 +807,44 @@ fn assert_records_match_replay(
     }
 }
 
-#[test]
-fn partitions_move_to_a_second_instance_with_their_state() {
-    let Setup {
-        dir,
-        input,
-        output,
-        dlq: _,
-        pipeline,
-    } = setup("move", 3, "json", "json");
+/// What [`hand_over`] leaves: every event produced, both instances' logs and how many records
+/// the second consumed.
+struct HandOver {
+    all: Vec<(i32, String, Vec<u8>)>,
+    log_a: String,
+    log_b: String,
+    consumed_by_b: u64,
+}
+
+/// Two members of one group: A (`pipeline_a`) reads the first events, B (`pipeline_b`) joins and
+/// takes partitions over, then more events continue every card's history on whichever
+/// instance owns it now. Waits for every event's record, stops both cleanly and checks that A
+/// handed partitions over.
+fn hand_over(
+    dir: &std::path::Path,
+    input: &str,
+    output: &str,
+    pipeline_a: &std::path::Path,
+    pipeline_b: &std::path::Path,
+) -> HandOver {
     let first_batch = events(12_000, 0);
-    produce(&input, &first_batch);
-    let (a, http_a) = start_service(&pipeline, dir.path().join("a.log"));
+    produce(input, &first_batch);
+    let (a, http_a) = start_service(pipeline_a, dir.join("a.log"));
     wait_until(
         Duration::from_secs(120),
         "the first instance consuming",
         || consumed(&http_a) >= 1000,
     );
-
-    // A second member of the same group (same pipeline, same state folder): the group moves
-    // some partitions to it, and their state must follow.
-    let (b, http_b) = start_service(&pipeline, dir.path().join("b.log"));
+    let (b, http_b) = start_service(pipeline_b, dir.join("b.log"));
     wait_until(
         Duration::from_secs(120),
         "the second instance owning partitions",
         || http_get(&format!("http://{http_b}/readyz")).0 == 200,
     );
-    // Events after the move continue every card's history on whichever instance owns it now.
     let second_batch = events(6_000, 12_000);
-    produce(&input, &second_batch);
+    produce(input, &second_batch);
     let all: Vec<_> = first_batch.iter().chain(&second_batch).cloned().collect();
-    wait_for_every_event_record(&output, &all);
+    wait_for_every_event_record(output, &all);
     let consumed_by_b = consumed(&http_b);
     let (status_a, log_a) = a.terminate();
     let (status_b, log_b) = b.terminate();
@@ -868,6 +854,31 @@ fn partitions_move_to_a_second_instance_with_their_state() {
         log_a.contains("Partitions revoked"),
         "the first instance handed partitions over:\n{log_a}"
     );
+    HandOver {
+        all,
+        log_a,
+        log_b,
+        consumed_by_b,
+    }
+}
+
+#[test]
+fn partitions_move_to_a_second_instance_with_their_state() {
+    let Setup {
+        dir,
+        input,
+        output,
+        dlq: _,
+        pipeline,
+    } = setup("move", 3, "json", "json");
+    // A second member of the same group (same pipeline, same state folder): the group moves
+    // some partitions to it, and their state must follow.
+    let HandOver {
+        all,
+        log_a,
+        log_b,
+        consumed_by_b,
+    } = hand_over(dir.path(), &input, &output, &pipeline, &pipeline);
     assert!(
         log_b.contains("Restored partition state from its checkpoint"),
         "the second instance restored what it took over:\n{log_b}"

@@ -51,11 +51,11 @@ const DEFAULT_ENTITY_TTL_MS: i64 = 7 * 86_400_000;
 const DEFAULT_STATE_DIR: &str = "data/state";
 const DEFAULT_CHECKPOINT_EVERY_MS: i64 = 5_000;
 
-/// The `state:` section.
 /// The longest checkpoint interval exactly-once allows: three of them fit in the brokers'
 /// default `transaction.max.timeout.ms` (15 minutes).
 const MAX_EXACTLY_ONCE_CHECKPOINT_MS: i64 = 5 * 60 * 1000;
 
+/// The `state:` section.
 struct StateSection {
     entity_ttl_ms: Option<i64>,
     dir: String,

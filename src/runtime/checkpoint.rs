@@ -122,9 +122,13 @@ fn fingerprint(pipeline: &Pipeline) -> u64 {
         pipeline.entity_ttl_ms,
         pipeline.emit()
     );
-    // FNV-1a: a hash with a fixed definition, so that every build (and machine) that reads
-    // the same pipeline file computes the same fingerprint.
-    definition.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    fnv1a(definition.as_bytes())
+}
+
+/// FNV-1a: a hash with a fixed definition, so that every build (and machine) computes the same
+/// value for the same bytes (a pipeline's fingerprint, an instance's transactional id).
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }

@@ -1196,6 +1196,23 @@ impl Worker {
         }
     }
 
+    /// The offsets of a checkpoint, as Kafka takes them.
+    fn offset_list(&self, offsets: &[(i32, i64)]) -> Result<TopicPartitionList, KafkaError> {
+        let topic = &self.shared.pipeline.source.kafka.topic;
+        let mut list = TopicPartitionList::new();
+        for &(p, next_offset) in offsets {
+            list.add_partition_offset(topic, p, Offset::Offset(next_offset))?;
+        }
+        Ok(list)
+    }
+
+    /// Counts a checkpoint that completed (its offsets committed).
+    fn checkpoint_done(&self, began: Instant, what: &str) {
+        let name = self.shared.pipeline.name.clone();
+        metrics::counter!(telemetry::CHECKPOINTS, "pipeline" => name).increment(1);
+        tracing::debug!(total_ms = began.elapsed().as_millis() as u64, "{what}");
+    }
+
     /// Commits the offsets of a durable checkpoint. False when the commit failed (the next
     /// checkpoint commits newer offsets).
     fn commit(
@@ -1204,31 +1221,23 @@ impl Worker {
         offsets: &[(i32, i64)],
         began: Instant,
     ) -> bool {
-        let topic = &self.shared.pipeline.source.kafka.topic;
-        let mut list = TopicPartitionList::new();
-        for &(p, next_offset) in offsets {
-            if let Err(e) = list.add_partition_offset(topic, p, Offset::Offset(next_offset)) {
-                tracing::warn!("Cannot commit offset {next_offset} of partition {p} ({e}).");
+        let list = match self.offset_list(offsets) {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("Cannot list the offsets to commit ({e}).");
                 return false;
             }
-        }
+        };
         if list.count() > 0
             && let Err(e) = consumer.commit(&list, CommitMode::Sync)
         {
             tracing::warn!("Committing offsets failed ({e}); the next checkpoint commits them.");
             return false;
         }
-        let name = self.shared.pipeline.name.clone();
-        metrics::counter!(telemetry::CHECKPOINTS, "pipeline" => name).increment(1);
-        tracing::debug!(
-            total_ms = began.elapsed().as_millis() as u64,
-            "Checkpoint durable and committed."
-        );
+        self.checkpoint_done(began, "Checkpoint durable and committed.");
         true
     }
-}
 
-impl Worker {
     /// Exactly-once: puts the offsets in the open transaction, commits it (its outputs, dead
     /// letters and state with them) and begins the next. Any failure stops the service: the
     /// transaction is then aborted, and the engine's state is ahead of what was committed.
@@ -1243,12 +1252,9 @@ impl Worker {
                 "cannot {what} ({e}); stopping, a restart resumes from the last transaction committed"
             )
         };
-        let topic = &self.shared.pipeline.source.kafka.topic;
-        let mut list = TopicPartitionList::new();
-        for &(p, next_offset) in offsets {
-            list.add_partition_offset(topic, p, Offset::Offset(next_offset))
-                .map_err(|e| failed("list the offsets to commit", e))?;
-        }
+        let list = self
+            .offset_list(offsets)
+            .map_err(|e| failed("list the offsets to commit", e))?;
         let group = consumer
             .group_metadata()
             .ok_or_else(|| anyhow!("the consumer has no group metadata to commit offsets with"))?;
@@ -1263,13 +1269,21 @@ impl Worker {
         self.producer
             .begin_transaction()
             .map_err(|e| failed("begin the next transaction", e))?;
-        let name = self.shared.pipeline.name.clone();
-        metrics::counter!(telemetry::CHECKPOINTS, "pipeline" => name).increment(1);
-        tracing::debug!(
-            total_ms = began.elapsed().as_millis() as u64,
-            "Transaction committed with its state and offsets."
-        );
+        self.checkpoint_done(began, "Transaction committed with its state and offsets.");
         Ok(())
+    }
+
+    /// Exactly-once, when the service stops on an error: aborts the open transaction, so that
+    /// `read_committed` consumers never see its outputs (a restart resumes from the last one
+    /// committed) and need not wait for the broker to time it out.
+    fn abort_open_transaction(&self) {
+        if self.exactly_once
+            && let Err(e) = self.producer.abort_transaction(Duration::from_secs(10))
+        {
+            tracing::warn!(
+                "Cannot abort the open transaction ({e}); the broker aborts it when it times out."
+            );
+        }
     }
 }
 
@@ -1300,13 +1314,7 @@ fn transactional_id(pipeline: &Pipeline, state_dir: &Path) -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_string());
     let folder = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    let folder_hash = folder
-        .display()
-        .to_string()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+    let folder_hash = checkpoint::fnv1a(folder.display().to_string().as_bytes());
     format!(
         "featurestream-{}-{}-{host}-{folder_hash:016x}",
         pipeline.name, pipeline.source.kafka.group_id
@@ -1670,15 +1678,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         tracing::error!("Stopping: {e:#}");
         // Nothing more is committed: the offsets of records that failed stay uncommitted.
         w.closing = true;
-        if w.exactly_once {
-            // Its outputs are never seen by `read_committed` consumers; a restart resumes
-            // from the last committed transaction.
-            if let Err(abort) = w.producer.abort_transaction(Duration::from_secs(10)) {
-                tracing::warn!(
-                    "Cannot abort the open transaction ({abort}); the broker aborts it when it times out."
-                );
-            }
-        }
+        w.abort_open_transaction();
         return Err(e);
     }
     tracing::info!("Stopping: finishing in-flight outputs, saving state and committing offsets.");
@@ -1697,13 +1697,7 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
     };
     if let Err(e) = last {
         w.closing = true;
-        if w.exactly_once
-            && let Err(abort) = w.producer.abort_transaction(Duration::from_secs(10))
-        {
-            tracing::warn!(
-                "Cannot abort the open transaction ({abort}); the broker aborts it when it times out."
-            );
-        }
+        w.abort_open_transaction();
         return Err(e);
     }
     let counters = &shared.counters;

@@ -103,6 +103,9 @@ pub struct StateTopic {
     /// Its own, or (exactly-once) the service's transactional producer, so that checkpoints
     /// are part of the transaction that commits their offsets.
     producer: Arc<ThreadedProducer<DeliveryContext>>,
+    /// Written inside the service's transactions: what a checkpoint writes becomes visible all
+    /// at once when the transaction commits, so nothing is waited for in between.
+    in_transaction: bool,
     /// The newest checkpoint of each partition in the topic, read or written by this
     /// instance: its chunks are deleted once a newer one is complete.
     newest: Mutex<HashMap<i32, Manifest>>,
@@ -157,6 +160,7 @@ impl StateTopic {
             "the state topic `{topic}` has no partitions"
         );
         warn_unless_compacted(brokers, &options, topic);
+        let in_transaction = transactional.is_some();
         let producer = match transactional {
             Some(producer) => producer,
             None => Arc::new(Self::producer(brokers, &options)?),
@@ -173,6 +177,7 @@ impl StateTopic {
             brokers: brokers.to_string(),
             options,
             producer,
+            in_transaction,
             newest: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashMap::new()),
         })
@@ -268,8 +273,12 @@ impl StateTopic {
     }
 
     /// Waits until everything queued is acknowledged; an error names what was refused since
-    /// the count stood at `failed_before`.
+    /// the count stood at `failed_before`. Inside a transaction there is nothing to wait for:
+    /// its commit settles every record at once (and fails if one was refused).
     fn acknowledged(&self, failed_before: u64) -> Result<(), String> {
+        if self.in_transaction {
+            return Ok(());
+        }
         let context = self.producer.context();
         self.producer
             .flush(DEADLINE)
@@ -819,6 +828,15 @@ mod tests {
         payload: Option<Vec<u8>>,
     }
 
+    /// A deleted record: a tombstone for `key`.
+    fn tombstone(key: String) -> Stored {
+        Stored {
+            key,
+            headers: Vec::new(),
+            payload: None,
+        }
+    }
+
     /// The records `StateTopic::write` produces for `bytes` in chunks of `size`.
     fn written(prefix: &str, id: &str, bytes: &[u8], size: usize) -> Vec<Stored> {
         let parts: Vec<&[u8]> = bytes.chunks(size).collect();
@@ -881,11 +899,7 @@ mod tests {
         // d: replaced and deleted; b stays.
         let mut records = written(PREFIX, "d", &data, 30);
         for i in 0..4 {
-            records.push(Stored {
-                key: format!("{PREFIX}d/{i}"),
-                headers: Vec::new(),
-                payload: None,
-            });
+            records.push(tombstone(format!("{PREFIX}d/{i}")));
         }
         records.extend(written(PREFIX, "a", &data, 30));
         records.extend(written(PREFIX, "b", &data, 30));
@@ -949,18 +963,10 @@ mod tests {
     fn a_deleted_checkpoint_is_not_read() {
         let data: Vec<u8> = (0..90u8).collect();
         let mut records = written(PREFIX, "a", &data, 30);
-        records.push(Stored {
-            key: format!("{PREFIX}{MANIFEST}"),
-            headers: Vec::new(),
-            payload: None,
-        });
+        records.push(tombstone(format!("{PREFIX}{MANIFEST}")));
         assert_eq!(assemble(&records), None);
         let mut records = written(PREFIX, "a", &data, 30);
-        records.push(Stored {
-            key: format!("{PREFIX}a/1"),
-            headers: Vec::new(),
-            payload: None,
-        });
+        records.push(tombstone(format!("{PREFIX}a/1")));
         assert_eq!(assemble(&records), None);
     }
 
@@ -983,11 +989,7 @@ mod tests {
         // A newer one, then tombstones for the older one's chunks.
         records.extend(written(PREFIX, "b", &newer, 30));
         for i in 0..3 {
-            records.push(Stored {
-                key: format!("{PREFIX}a/{i}"),
-                headers: Vec::new(),
-                payload: None,
-            });
+            records.push(tombstone(format!("{PREFIX}a/{i}")));
         }
         assert_eq!(assemble(&records), Some(newer));
     }

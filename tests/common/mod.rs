@@ -39,23 +39,14 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn create_topics(topics: &[(&str, i32)]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(t, p)| NewTopic::new(t, *p, TopicReplication::Fixed(1)))
         .collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results = runtime
-        .block_on(admin.create_topics(
-            &new,
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
+    let admin = Admin::new();
+    let results = admin
+        .runtime
+        .block_on(admin.client.create_topics(&new, &admin.options))
         .expect("create topics");
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
@@ -64,22 +55,40 @@ pub fn create_topics(topics: &[(&str, i32)]) {
 
 /// Adds partitions to `topic` until it has `total`.
 pub fn add_partitions(topic: &str, total: usize) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let results = runtime
-        .block_on(admin.create_partitions(
-            &[NewPartitions::new(topic, total)],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
-        ))
+    let admin = Admin::new();
+    let results = admin
+        .runtime
+        .block_on(
+            admin
+                .client
+                .create_partitions(&[NewPartitions::new(topic, total)], &admin.options),
+        )
         .expect("add partitions");
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("cannot add partitions to {t}: {e}"));
+    }
+}
+
+/// An admin client of the test broker, and a runtime to wait for its answers on.
+struct Admin {
+    client: AdminClient<DefaultClientContext>,
+    options: AdminOptions,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Admin {
+    fn new() -> Admin {
+        Admin {
+            client: ClientConfig::new()
+                .set("bootstrap.servers", brokers())
+                .create()
+                .expect("admin client"),
+            options: AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
     }
 }
 
