@@ -232,6 +232,55 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A value of type `ty` in its plainest form, read in one pass: a string without escapes,
+    /// an RFC 3339 time in such a string, a number without exponent whose digits fit in 53
+    /// bits, `true` or `false`. `None`, with the position unchanged, for anything else, which
+    /// the general path then reads (and accepts or explains).
+    fn plain_value(&mut self, ty: FieldType) -> Option<Value<'a>> {
+        let start = self.at;
+        let value = match (ty, *self.bytes.get(start)?) {
+            (FieldType::String | FieldType::Timestamp, b'"') => {
+                let len = plain_run(&self.bytes[start + 1..]);
+                let end = start + 1 + len;
+                if self.bytes.get(end) != Some(&b'"') {
+                    return None;
+                }
+                let s = &self.text[start + 1..end];
+                let value = if ty == FieldType::String {
+                    Value::Str(Cow::Borrowed(s))
+                } else {
+                    Value::Ts(parse_rfc3339_ms(s)?)
+                };
+                self.at = end + 1;
+                value
+            }
+            (FieldType::Float | FieldType::Int | FieldType::Timestamp, b'-' | b'0'..=b'9') => {
+                let (value, end) = plain_number(&self.bytes[start..])?;
+                self.at = start + end;
+                match (ty, value) {
+                    (FieldType::Float, PlainNumber::Int(i)) => Value::Float(i as f64),
+                    (FieldType::Float, PlainNumber::Float(f)) => Value::Float(f),
+                    (FieldType::Int, PlainNumber::Int(i)) => Value::Int(i),
+                    (FieldType::Timestamp, PlainNumber::Int(i)) => Value::Ts(i),
+                    _ => {
+                        self.at = start;
+                        return None;
+                    }
+                }
+            }
+            (FieldType::Bool, b't') if self.bytes[start..].starts_with(b"true") => {
+                self.at = start + 4;
+                Value::Bool(true)
+            }
+            (FieldType::Bool, b'f') if self.bytes[start..].starts_with(b"false") => {
+                self.at = start + 5;
+                Value::Bool(false)
+            }
+            _ => return None,
+        };
+        Some(value)
+    }
+
     /// Any value; containers are validated and skipped.
     fn value(&mut self, depth: usize) -> Result<Found<'a>, Syntax> {
         match self.bytes.get(self.at) {
@@ -349,6 +398,67 @@ pub(super) fn plain_run_swar(bytes: &[u8]) -> usize {
         .iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
         .unwrap_or(words.remainder().len())
+}
+
+/// A number as [`plain_number`] reads it.
+enum PlainNumber {
+    Int(i64),
+    Float(f64),
+}
+
+/// The number at the start of `bytes` when it is written plainly: an optional minus, an
+/// integer part without leading zeros, an optional fraction, no exponent, at most 15 digits in
+/// all (so that the value and `digits / 10^fraction` are exact doubles, and the one correctly
+/// rounded division gives exactly what parsing the text does). Returns the value and its
+/// length, or `None` for anything else, which the general parser handles.
+fn plain_number(bytes: &[u8]) -> Option<(PlainNumber, usize)> {
+    const MAX_DIGITS: usize = 15;
+    let negative = bytes.first() == Some(&b'-');
+    let mut at = usize::from(negative);
+    let int_start = at;
+    let mut digits = 0u64;
+    while let Some(&b) = bytes.get(at)
+        && b.is_ascii_digit()
+    {
+        digits = digits * 10 + u64::from(b - b'0');
+        at += 1;
+        if at - int_start > MAX_DIGITS {
+            return None;
+        }
+    }
+    let int_len = at - int_start;
+    if int_len == 0 || (int_len > 1 && bytes[int_start] == b'0') {
+        return None;
+    }
+    let mut fraction_len = 0;
+    if bytes.get(at) == Some(&b'.') {
+        at += 1;
+        while let Some(&b) = bytes.get(at)
+            && b.is_ascii_digit()
+        {
+            digits = digits * 10 + u64::from(b - b'0');
+            at += 1;
+            fraction_len += 1;
+            if int_len + fraction_len > MAX_DIGITS {
+                return None;
+            }
+        }
+        if fraction_len == 0 {
+            return None;
+        }
+    }
+    if let Some(b'e' | b'E') = bytes.get(at) {
+        return None;
+    }
+    // At most 15 digits: below 2^53, so the i64 and the f64 are exact.
+    let magnitude = digits as i64;
+    let value = if fraction_len == 0 {
+        PlainNumber::Int(if negative { -magnitude } else { magnitude })
+    } else {
+        let f = magnitude as f64 / EXACT_POWERS_OF_TEN[fraction_len];
+        PlainNumber::Float(if negative { -f } else { f })
+    };
+    Some((value, at))
 }
 
 /// Powers of ten that a double holds exactly.
@@ -551,20 +661,28 @@ impl JsonDecoder {
                     parser.skip_ws();
                     parser.expect(b':', "expected `:`")?;
                     parser.skip_ws();
-                    let found = parser.value(1)?;
                     if let Some(index) = index {
                         next_guess = index + 1;
                         let def = &schema.fields[index];
                         if !schema_errors.is_empty() {
                             schema_errors.retain(|(field, _)| *field != index);
                         }
-                        match typed(&def.name, def.ty, found) {
+                        // The usual value, written the usual way, is read in one pass straight
+                        // into its type; anything else (escapes, exponents, a wrong type, bad
+                        // syntax) takes the general path, which finds the right error.
+                        let typed_value = match parser.plain_value(def.ty) {
+                            Some(value) => Ok(value),
+                            None => typed(&def.name, def.ty, parser.value(1)?),
+                        };
+                        match typed_value {
                             Ok(value) => fields[index] = value,
                             Err(message) => {
                                 fields[index] = Value::Null;
                                 schema_errors.push((index, message));
                             }
                         }
+                    } else {
+                        parser.value(1)?;
                     }
                     parser.skip_ws();
                     match bytes.get(parser.at) {

@@ -633,3 +633,49 @@ fn a_union_passes_validate_when_one_branch_is_readable() {
     let problems = avro::writer_schema_problems(&writer(r#""null""#), &declared);
     assert!(problems[0].contains("`n` is always null"), "{problems:?}");
 }
+
+/// A value written plainly is read by a one-pass path, the same value written any other way
+/// by the general parser: both must give the same event.
+#[test]
+fn plain_and_general_spellings_of_a_value_decode_alike() {
+    let decoder = JsonDecoder::new(&source(""));
+    let pairs = [
+        (
+            r#"{"id":"ab","n":12,"x":100,"ok":true,"ts":"2026-03-01T00:00:00Z"}"#,
+            r#"{"id":"a\u0062","n":12,"x":1e2,"ok":true,"ts":1772323200000}"#,
+        ),
+        (
+            r#"{"id":"a","n":-7,"x":-0.25,"ok":false,"ts":1772323200001}"#,
+            r#"{ "id" : "\u0061" , "n" : -7 , "x" : -25e-2 , "ok" : false , "ts" : "2026-03-01T01:00:00.001+01:00" }"#,
+        ),
+        (
+            r#"{"id":"a","n":0,"x":123456789012345,"ts":0}"#,
+            r#"{"id":"a","n":-0,"x":123456789012345.0,"ts":"1970-01-01T00:00:00Z"}"#,
+        ),
+    ];
+    for (plain, general) in pairs {
+        let a = decoder.decode(plain.as_bytes()).expect(plain);
+        let b = decoder.decode(general.as_bytes()).expect(general);
+        assert_eq!(a, b, "{plain} / {general}");
+    }
+    // What the one-pass path declines is still judged by the general one.
+    for (text, want) in [
+        (r#"{"id":"a","n":012,"ts":1}"#, RejectReason::Malformed),
+        (r#"{"id":"a","n":1.0,"ts":1}"#, RejectReason::Schema),
+        (
+            r#"{"id":"a","n":1,"ts":"2026-02-30T00:00:00Z"}"#,
+            RejectReason::Schema,
+        ),
+        (r#"{"id":"a","n":1,"ts":1.5}"#, RejectReason::Schema),
+        (
+            r#"{"id":"a","n":1,"ok":truth,"ts":1}"#,
+            RejectReason::Malformed,
+        ),
+        (r#"{"id":"a","n":1,"x":2.,"ts":1}"#, RejectReason::Malformed),
+        (r#"{"id":"a","n":1,"x":-,"ts":1}"#, RejectReason::Malformed),
+        (r#"{"id":"a	b","n":1,"ts":1}"#, RejectReason::Malformed),
+        (r#"{"id":7,"n":1,"ts":1}"#, RejectReason::Schema),
+    ] {
+        assert_eq!(reason(text.as_bytes()), want, "{text}");
+    }
+}
