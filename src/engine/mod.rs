@@ -247,14 +247,18 @@ impl Engine {
             };
         }
         let clock = self.clock();
-        let pipeline = Arc::clone(&self.pipeline);
+        // The fields are borrowed apart (rather than the pipeline cloned) so that an event
+        // costs no reference-count traffic.
+        let Engine {
+            pipeline,
+            partitions,
+            values: feature_values,
+            ..
+        } = self;
         let features = &pipeline.features;
-        if !self.partitions.contains_key(&partition) {
-            self.partitions.insert(partition, self.empty_partition());
-        }
-        let Some(part) = self.partitions.get_mut(&partition) else {
-            return Outcome::Aggregated;
-        };
+        let part = partitions.entry(partition).or_insert_with(|| {
+            PartitionState::new(features, pipeline.emit() == Emit::OnWindowClose)
+        });
         let seq = part.next_seq;
         part.next_seq += 1;
 
@@ -276,7 +280,7 @@ impl Engine {
         entity.as_of = as_of;
         // Each feature's state is visited once: updated, read, and asked when time next
         // changes it.
-        self.values.clear();
+        feature_values.clear();
         let mut changes = None;
         for ((column, feature), feature_due) in columns.iter_mut().zip(features).zip(dues) {
             let passes = feature
@@ -290,7 +294,7 @@ impl Engine {
                 None => Some(&Value::Null),
             };
             let input = value.map(|value| Input { value, time, seq });
-            let values = (!clock.close_windows).then_some(&mut self.values);
+            let values = (!clock.close_windows).then_some(&mut *feature_values);
             let change = column.update_event(
                 slot as usize,
                 feature,
@@ -303,8 +307,8 @@ impl Engine {
             changes = min_opt(changes, change);
         }
         if !clock.close_windows {
-            entity.emitted = hash_values(&self.values);
-            sink.update(&entity.id, as_of, &self.values);
+            entity.emitted = hash_values(feature_values);
+            sink.update(&entity.id, as_of, feature_values);
         }
         let due = min_opt(changes, expiry_due(entity, pipeline.entity_ttl_ms));
         part.schedule(slot, due);
