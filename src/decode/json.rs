@@ -69,18 +69,38 @@ impl<'a> Parser<'a> {
         }
     }
 
+    /// A string without escapes at the position (its opening quote), found in one scan; `None`,
+    /// with the position unchanged, for anything else.
+    #[inline]
+    fn plain_string(&mut self) -> Option<&'a str> {
+        if self.bytes.get(self.at) != Some(&b'"') {
+            return None;
+        }
+        let start = self.at + 1;
+        let end = start + plain_run(&self.bytes[start..]);
+        if self.bytes.get(end) != Some(&b'"') {
+            return None;
+        }
+        self.at = end + 1;
+        Some(&self.text[start..end])
+    }
+
     /// A string starting at the opening quote; borrowed unless it has escapes.
     fn string(&mut self) -> Result<Cow<'a, str>, Syntax> {
+        if let Some(s) = self.plain_string() {
+            return Ok(Cow::Borrowed(s));
+        }
         self.expect(b'"', "expected a string")?;
         let start = self.at;
         self.at = start + plain_run(&self.bytes[start..]);
+        self.string_with_escapes(start)
+    }
+
+    /// The rest of a string whose content starts at `start`, from its first escape (or the
+    /// character or end of input that makes it invalid) at the position.
+    fn string_with_escapes(&mut self, start: usize) -> Result<Cow<'a, str>, Syntax> {
         match self.bytes.get(self.at) {
             None => return self.fail("unterminated string"),
-            Some(b'"') => {
-                let s = &self.text[start..self.at];
-                self.at += 1;
-                return Ok(Cow::Borrowed(s));
-            }
             Some(b'\\') => {}
             Some(_) => return self.fail("control character in a string"),
         }
@@ -159,9 +179,14 @@ impl<'a> Parser<'a> {
         Ok(value)
     }
 
-    fn digits(&mut self) -> usize {
+    /// Reads a run of digits, appending them to `value` (which wraps past 19 digits: callers
+    /// use it only below that); returns how many there were.
+    fn digits(&mut self, value: &mut u64) -> usize {
         let start = self.at;
-        while self.bytes.get(self.at).is_some_and(u8::is_ascii_digit) {
+        while let Some(&d) = self.bytes.get(self.at)
+            && d.is_ascii_digit()
+        {
+            *value = value.wrapping_mul(10).wrapping_add(u64::from(d - b'0'));
             self.at += 1;
         }
         self.at - start
@@ -173,23 +198,23 @@ impl<'a> Parser<'a> {
         if negative {
             self.at += 1;
         }
-        let int_start = self.at;
-        match self.bytes.get(self.at) {
-            Some(b'0') => self.at += 1,
-            Some(b'1'..=b'9') => {
-                self.digits();
+        // The digits of the integer part and the fraction, as one integer, read on the way.
+        let mut mantissa = 0u64;
+        let int_digits = match self.bytes.get(self.at) {
+            Some(b'0') => {
+                self.at += 1;
+                1
             }
+            Some(b'1'..=b'9') => self.digits(&mut mantissa),
             _ => return self.fail("invalid number"),
-        }
-        let int_digits = &self.bytes[int_start..self.at];
-        let mut fraction: &[u8] = &[];
+        };
+        let mut fraction_digits = 0;
         if self.bytes.get(self.at) == Some(&b'.') {
             self.at += 1;
-            let frac_start = self.at;
-            if self.digits() == 0 {
+            fraction_digits = self.digits(&mut mantissa);
+            if fraction_digits == 0 {
                 return self.fail("invalid number");
             }
-            fraction = &self.bytes[frac_start..self.at];
         }
         let mut exponent = false;
         if let Some(b'e' | b'E') = self.bytes.get(self.at) {
@@ -198,13 +223,16 @@ impl<'a> Parser<'a> {
             if let Some(b'+' | b'-') = self.bytes.get(self.at) {
                 self.at += 1;
             }
-            if self.digits() == 0 {
+            if self.digits(&mut 0) == 0 {
                 return self.fail("invalid number");
             }
         }
-        let integer = fraction.is_empty() && !exponent;
+        let integer = fraction_digits == 0 && !exponent;
         let text = &self.text[start..self.at];
-        if !exponent && let Some(found) = short_decimal(negative, int_digits, fraction, text) {
+        if !exponent
+            && let Some(found) =
+                short_decimal(negative, mantissa, int_digits, fraction_digits, text)
+        {
             return Ok(found);
         }
         if integer && let Ok(i) = text.parse::<i64>() {
@@ -223,7 +251,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn literal(&mut self, word: &'static [u8], found: Found<'a>) -> Result<Found<'a>, Syntax> {
+    fn literal<T>(&mut self, word: &'static [u8], found: T) -> Result<T, Syntax> {
         if self.bytes.get(self.at..self.at + word.len()) == Some(word) {
             self.at += word.len();
             Ok(found)
@@ -232,53 +260,39 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// A value of type `ty` in its plainest form, read in one pass: a string without escapes,
-    /// an RFC 3339 time in such a string, a number without exponent whose digits fit in 53
-    /// bits, `true` or `false`. `None`, with the position unchanged, for anything else, which
-    /// the general path then reads (and accepts or explains).
-    fn plain_value(&mut self, ty: FieldType) -> Option<Value<'a>> {
+    /// A value of type `ty` read straight into that type, without the general path's
+    /// intermediate form and its messages: a string without escapes (or an RFC 3339 time in
+    /// one), a number, `true` or `false`, when the type takes it. `None`, with the position
+    /// unchanged, for anything else, which the general path then reads (and accepts or
+    /// explains with [`typed`]).
+    fn typed_value(&mut self, ty: FieldType) -> Option<Value<'a>> {
         let start = self.at;
         let value = match (ty, *self.bytes.get(start)?) {
-            (FieldType::String | FieldType::Timestamp, b'"') => {
-                let len = plain_run(&self.bytes[start + 1..]);
-                let end = start + 1 + len;
-                if self.bytes.get(end) != Some(&b'"') {
-                    return None;
-                }
-                let s = &self.text[start + 1..end];
-                let value = if ty == FieldType::String {
-                    Value::Str(Cow::Borrowed(s))
-                } else {
-                    Value::Ts(parse_rfc3339_ms(s)?)
-                };
-                self.at = end + 1;
-                value
-            }
+            (FieldType::String, b'"') => self.plain_string().map(|s| Value::Str(Cow::Borrowed(s))),
+            (FieldType::Timestamp, b'"') => self
+                .plain_string()
+                .and_then(parse_rfc3339_ms)
+                .map(Value::Ts),
             (FieldType::Float | FieldType::Int | FieldType::Timestamp, b'-' | b'0'..=b'9') => {
-                let (value, end) = plain_number(&self.bytes[start..])?;
-                self.at = start + end;
-                match (ty, value) {
-                    (FieldType::Float, PlainNumber::Int(i)) => Value::Float(i as f64),
-                    (FieldType::Float, PlainNumber::Float(f)) => Value::Float(f),
-                    (FieldType::Int, PlainNumber::Int(i)) => Value::Int(i),
-                    (FieldType::Timestamp, PlainNumber::Int(i)) => Value::Ts(i),
-                    _ => {
-                        self.at = start;
-                        return None;
+                // The conversions `typed` accepts for numbers.
+                match (ty, self.number()) {
+                    (FieldType::Float, Ok(Found::Int(i))) => Some(Value::Float(i as f64)),
+                    (FieldType::Float, Ok(Found::Float(f, _) | Found::BigInt(f, _))) => {
+                        Some(Value::Float(f))
                     }
+                    (FieldType::Int, Ok(Found::Int(i))) => Some(Value::Int(i)),
+                    (FieldType::Timestamp, Ok(Found::Int(i))) => Some(Value::Ts(i)),
+                    _ => None,
                 }
             }
-            (FieldType::Bool, b't') if self.bytes[start..].starts_with(b"true") => {
-                self.at = start + 4;
-                Value::Bool(true)
-            }
-            (FieldType::Bool, b'f') if self.bytes[start..].starts_with(b"false") => {
-                self.at = start + 5;
-                Value::Bool(false)
-            }
-            _ => return None,
+            (FieldType::Bool, b't') => self.literal(b"true", Value::Bool(true)).ok(),
+            (FieldType::Bool, b'f') => self.literal(b"false", Value::Bool(false)).ok(),
+            _ => None,
         };
-        Some(value)
+        if value.is_none() {
+            self.at = start;
+        }
+        value
     }
 
     /// Any value; containers are validated and skipped.
@@ -400,67 +414,6 @@ pub(super) fn plain_run_swar(bytes: &[u8]) -> usize {
         .unwrap_or(words.remainder().len())
 }
 
-/// A number as [`plain_number`] reads it.
-enum PlainNumber {
-    Int(i64),
-    Float(f64),
-}
-
-/// The number at the start of `bytes` when it is written plainly: an optional minus, an
-/// integer part without leading zeros, an optional fraction, no exponent, at most 15 digits in
-/// all (so that the value and `digits / 10^fraction` are exact doubles, and the one correctly
-/// rounded division gives exactly what parsing the text does). Returns the value and its
-/// length, or `None` for anything else, which the general parser handles.
-fn plain_number(bytes: &[u8]) -> Option<(PlainNumber, usize)> {
-    const MAX_DIGITS: usize = 15;
-    let negative = bytes.first() == Some(&b'-');
-    let mut at = usize::from(negative);
-    let int_start = at;
-    let mut digits = 0u64;
-    while let Some(&b) = bytes.get(at)
-        && b.is_ascii_digit()
-    {
-        digits = digits * 10 + u64::from(b - b'0');
-        at += 1;
-        if at - int_start > MAX_DIGITS {
-            return None;
-        }
-    }
-    let int_len = at - int_start;
-    if int_len == 0 || (int_len > 1 && bytes[int_start] == b'0') {
-        return None;
-    }
-    let mut fraction_len = 0;
-    if bytes.get(at) == Some(&b'.') {
-        at += 1;
-        while let Some(&b) = bytes.get(at)
-            && b.is_ascii_digit()
-        {
-            digits = digits * 10 + u64::from(b - b'0');
-            at += 1;
-            fraction_len += 1;
-            if int_len + fraction_len > MAX_DIGITS {
-                return None;
-            }
-        }
-        if fraction_len == 0 {
-            return None;
-        }
-    }
-    if let Some(b'e' | b'E') = bytes.get(at) {
-        return None;
-    }
-    // At most 15 digits: below 2^53, so the i64 and the f64 are exact.
-    let magnitude = digits as i64;
-    let value = if fraction_len == 0 {
-        PlainNumber::Int(if negative { -magnitude } else { magnitude })
-    } else {
-        let f = magnitude as f64 / EXACT_POWERS_OF_TEN[fraction_len];
-        PlainNumber::Float(if negative { -f } else { f })
-    };
-    Some((value, at))
-}
-
 /// Powers of ten that a double holds exactly.
 const EXACT_POWERS_OF_TEN: [f64; 23] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
@@ -468,30 +421,28 @@ const EXACT_POWERS_OF_TEN: [f64; 23] = [
 ];
 
 /// The value of a number without exponent whose digits fit in a u64, without the general
-/// parser: an integer as is, and a decimal as `digits / 10^fraction` when both are exact
-/// doubles, so that one correctly rounded division gives exactly what parsing the text does.
-/// `None` for anything else (the caller parses the text).
-fn short_decimal<'a>(
+/// parser: `mantissa` is its `int_digits + fraction_digits` digits as one integer. An integer
+/// as is, and a decimal as `mantissa / 10^fraction_digits` when both are exact doubles, so that
+/// one correctly rounded division gives exactly what parsing the text does. `None` for
+/// anything else (the caller parses the text).
+fn short_decimal(
     negative: bool,
-    int_digits: &[u8],
-    fraction: &[u8],
-    text: &'a str,
-) -> Option<Found<'a>> {
-    if int_digits.len() + fraction.len() > 19 {
+    mantissa: u64,
+    int_digits: usize,
+    fraction_digits: usize,
+    text: &str,
+) -> Option<Found<'_>> {
+    if int_digits + fraction_digits > 19 {
         return None;
     }
-    let digits = int_digits
-        .iter()
-        .chain(fraction)
-        .fold(0u64, |value, &d| value * 10 + u64::from(d - b'0'));
-    if fraction.is_empty() {
-        let magnitude = i64::try_from(digits).ok()?;
+    if fraction_digits == 0 {
+        let magnitude = i64::try_from(mantissa).ok()?;
         return Some(Found::Int(if negative { -magnitude } else { magnitude }));
     }
-    if digits > 1 << 53 || fraction.len() >= EXACT_POWERS_OF_TEN.len() {
+    if mantissa > 1 << 53 || fraction_digits >= EXACT_POWERS_OF_TEN.len() {
         return None;
     }
-    let magnitude = digits as f64 / EXACT_POWERS_OF_TEN[fraction.len()];
+    let magnitude = mantissa as f64 / EXACT_POWERS_OF_TEN[fraction_digits];
     Some(Found::Float(
         if negative { -magnitude } else { magnitude },
         text,
@@ -667,10 +618,10 @@ impl JsonDecoder {
                         if !schema_errors.is_empty() {
                             schema_errors.retain(|(field, _)| *field != index);
                         }
-                        // The usual value, written the usual way, is read in one pass straight
-                        // into its type; anything else (escapes, exponents, a wrong type, bad
-                        // syntax) takes the general path, which finds the right error.
-                        let typed_value = match parser.plain_value(def.ty) {
+                        // A value the declared type takes is read straight into it; anything
+                        // else (a string with escapes, a wrong type, bad syntax) takes the
+                        // general path, which accepts it or finds the right error.
+                        let typed_value = match parser.typed_value(def.ty) {
                             Some(value) => Ok(value),
                             None => typed(&def.name, def.ty, parser.value(1)?),
                         };

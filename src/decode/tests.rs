@@ -634,8 +634,8 @@ fn a_union_passes_validate_when_one_branch_is_readable() {
     assert!(problems[0].contains("`n` is always null"), "{problems:?}");
 }
 
-/// A value written plainly is read by a one-pass path, the same value written any other way
-/// by the general parser: both must give the same event.
+/// A declared value is read straight into its type where it can be, and by the general parser
+/// otherwise (escapes, a key read in full, other spellings): both must give the same event.
 #[test]
 fn plain_and_general_spellings_of_a_value_decode_alike() {
     let decoder = JsonDecoder::new(&source(""));
@@ -658,7 +658,7 @@ fn plain_and_general_spellings_of_a_value_decode_alike() {
         let b = decoder.decode(general.as_bytes()).expect(general);
         assert_eq!(a, b, "{plain} / {general}");
     }
-    // What the one-pass path declines is still judged by the general one.
+    // What the direct read declines is still judged by the general parser.
     for (text, want) in [
         (r#"{"id":"a","n":012,"ts":1}"#, RejectReason::Malformed),
         (r#"{"id":"a","n":1.0,"ts":1}"#, RejectReason::Schema),
