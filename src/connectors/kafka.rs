@@ -30,6 +30,10 @@ pub fn client_config(brokers: &str, ours: &[(&str, &str)], options: &KafkaOption
     config
 }
 
+/// What every producer of the service needs, whatever the options say: no record lost or
+/// written twice by a retry (for [`enforce`]).
+pub const IDEMPOTENT_PRODUCER: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all")];
+
 /// Sets, after the user's options, what the service's delivery guarantee depends on; an
 /// option that asked for something else is ignored with a warning.
 pub fn enforce(config: &mut ClientConfig, options: &KafkaOptions, required: &[(&str, &str)]) {

@@ -46,7 +46,8 @@ use self::encode::Encoder;
 use self::outputs::ParquetOutputs;
 use crate::config::{Format, Guarantee, OnLate, Pipeline, StartOffset};
 use crate::connectors::kafka::{
-    BrokerStatus, TopicCheckError, check_topics, client_config, enforce, log_error, log_line,
+    BrokerStatus, IDEMPOTENT_PRODUCER, TopicCheckError, check_topics, client_config, enforce,
+    log_error, log_line,
 };
 use crate::decode::avro::{AvroDecoder, AvroError};
 use crate::decode::json::JsonDecoder;
@@ -1468,50 +1469,45 @@ pub fn run_service(shared: Arc<Shared>, options: &RunOptions) -> anyhow::Result<
         .map(|k| k.options.clone())
         .unwrap_or_default();
     let exactly_once = pipeline.guarantee == Guarantee::ExactlyOnce;
+    // A transaction spans a checkpoint interval; one left open by an instance that died is
+    // aborted by the broker after this long (or at once when the instance restarts, since it
+    // keeps its transactional id).
+    let transaction_timeout_ms =
+        exactly_once.then(|| transaction_timeout(pipeline.checkpoint_every_ms).as_millis());
     let mut settings = vec![
-        ("enable.idempotence", "true".to_string()),
-        ("acks", "all".to_string()),
         ("linger.ms", "5".to_string()),
         ("compression.type", "lz4".to_string()),
         // Partition by key as Kafka's Java clients do, so that the feature topic is
         // co-partitioned with other topics keyed by the same entity (joins downstream).
         ("partitioner", "murmur2_random".to_string()),
-        // Retry for as long as it takes: outputs are never dropped on a broker outage.
-        ("message.timeout.ms", "0".to_string()),
+        // Retry for as long as it takes: outputs are never dropped on a broker outage. In a
+        // transaction, no longer than it may stay open (librdkafka requires it).
+        (
+            "message.timeout.ms",
+            transaction_timeout_ms.map_or("0".to_string(), |ms| ms.to_string()),
+        ),
         ("queue.buffering.max.messages", "500000".to_string()),
     ];
-    if exactly_once {
-        // A transaction spans a checkpoint interval; one left open by an instance that died
-        // is aborted by the broker after this long (or at once when the instance restarts,
-        // since it keeps its transactional id).
-        let timeout = transaction_timeout(pipeline.checkpoint_every_ms);
+    if let Some(timeout) = transaction_timeout_ms {
         if let Some((_, theirs)) = sink_options
             .iter()
             .find(|(k, _)| *k == "transaction.timeout.ms")
-            && theirs
-                .parse::<u128>()
-                .is_ok_and(|ms| ms < timeout.as_millis())
+            && theirs.parse::<u128>().is_ok_and(|ms| ms < timeout)
         {
             tracing::warn!(
-                "`transaction.timeout.ms: {theirs}` is shorter than the {} ms exactly-once \
+                "`transaction.timeout.ms: {theirs}` is shorter than the {timeout} ms exactly-once \
                  would use: a checkpoint waiting for acknowledgements, or a rebalance reading \
-                 the state topic, can outlast it, and the service then stops.",
-                timeout.as_millis()
+                 the state topic, can outlast it, and the service then stops."
             );
         }
         settings.extend([
             ("transactional.id", transactional_id(&pipeline, &state_dir)),
-            ("transaction.timeout.ms", timeout.as_millis().to_string()),
-            ("message.timeout.ms", timeout.as_millis().to_string()),
+            ("transaction.timeout.ms", timeout.to_string()),
         ]);
     }
     let settings: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut producer_config = client_config(&brokers, &settings, &sink_options);
-    enforce(
-        &mut producer_config,
-        &sink_options,
-        &[("enable.idempotence", "true"), ("acks", "all")],
-    );
+    enforce(&mut producer_config, &sink_options, IDEMPOTENT_PRODUCER);
     let producer: Arc<Output> = Arc::new(
         producer_config
             .create_with_context(DeliveryContext::default())

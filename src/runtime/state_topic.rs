@@ -30,7 +30,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{DeliveryContext, send_until};
 use crate::config::{KafkaOptions, Pipeline};
-use crate::connectors::kafka::{LoggingContext, client_config, enforce};
+use crate::connectors::kafka::{IDEMPOTENT_PRODUCER, LoggingContext, client_config, enforce};
 
 /// Chunk size: half of Kafka's default largest record (1 MB), headroom for key and headers.
 const CHUNK_BYTES: usize = 512 * 1024;
@@ -216,19 +216,13 @@ impl StateTopic {
         let mut config = client_config(
             brokers,
             &[
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
                 ("linger.ms", "5"),
                 ("compression.type", "lz4"),
                 ("message.timeout.ms", &DEADLINE.as_millis().to_string()),
             ],
             options,
         );
-        enforce(
-            &mut config,
-            options,
-            &[("enable.idempotence", "true"), ("acks", "all")],
-        );
+        enforce(&mut config, options, IDEMPOTENT_PRODUCER);
         Ok(config.create_with_context(DeliveryContext::default())?)
     }
 
