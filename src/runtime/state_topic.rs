@@ -17,6 +17,7 @@
 //! checkpoint is not where `p mod n` now points is looked for in every partition, and its next
 //! checkpoint is written where it points (the one found is then deleted).
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -457,21 +458,19 @@ impl StateTopic {
             for (p, (manifest, bytes)) in self.assemble(state_partition, &inputs)? {
                 // Found in more than one (partitions added twice): the newest is restored,
                 // the other deleted after the next checkpoint.
-                let older = match elsewhere.remove(&p) {
-                    Some(seen) if seen.0.written_at() > manifest.written_at() => {
-                        elsewhere.insert(p, seen);
-                        manifest
+                match elsewhere.entry(p) {
+                    Entry::Vacant(slot) => {
+                        slot.insert((manifest, bytes));
                     }
-                    Some(seen) => {
-                        elsewhere.insert(p, (manifest, bytes));
-                        seen.0
+                    Entry::Occupied(mut seen) => {
+                        let older = if seen.get().0.written_at() > manifest.written_at() {
+                            manifest
+                        } else {
+                            seen.insert((manifest, bytes)).0
+                        };
+                        self.note_orphans(p, vec![older]);
                     }
-                    None => {
-                        elsewhere.insert(p, (manifest, bytes));
-                        continue;
-                    }
-                };
-                self.note_orphans(p, vec![older]);
+                }
             }
         }
         for (p, (manifest, bytes)) in elsewhere {
