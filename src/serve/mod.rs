@@ -198,7 +198,9 @@ async fn get_features(
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
-    entities: Vec<serde_json::Value>,
+    /// Kept as written: an int entity is an integer literal, as ingest reads it, and a parsed
+    /// JSON number no longer tells `0.0` (not an integer) from `-0` (the int 0).
+    entities: Vec<Box<serde_json::value::RawValue>>,
 }
 
 /// The ids of a batch request as the engine keys them: strings, or integers for an int entity.
@@ -213,31 +215,38 @@ fn batch_keys(state: &AppState, request: &BatchRequest) -> Result<Vec<String>, R
     request
         .entities
         .iter()
-        .map(|id| match id {
-            serde_json::Value::String(s) => entity_key(state, s),
-            serde_json::Value::Number(n) if int_ids => match n.as_i64() {
-                Some(i) => Ok(i.to_string()),
-                // serde_json reads `-0` as a float; ingest reads it as the int 0.
-                None if n.as_f64() == Some(0.0) => Ok("0".to_string()),
-                None if n.is_u64() => Err((
-                    StatusCode::BAD_REQUEST,
-                    format!("entity id {n} is outside the 64-bit integer range"),
-                )),
-                None => Err((
-                    StatusCode::BAD_REQUEST,
-                    format!("entity id {n} is not an integer"),
-                )),
-            },
-            other => Err((
-                StatusCode::BAD_REQUEST,
-                if int_ids {
-                    format!("an entity id is a string or an integer, not {other}")
-                } else {
-                    format!("an entity id is a string, not {other}")
-                },
-            )),
-        })
+        .map(|raw| batch_key(state, raw.get(), int_ids))
         .collect()
+}
+
+/// One id of a batch request, from its JSON text.
+fn batch_key(state: &AppState, text: &str, int_ids: bool) -> Result<String, Refusal> {
+    let refuse = |message: String| Err((StatusCode::BAD_REQUEST, message));
+    if text.starts_with('"') {
+        return match serde_json::from_str::<String>(text) {
+            Ok(id) => entity_key(state, &id),
+            Err(e) => refuse(format!("entity id {text} is not a valid string: {e}")),
+        };
+    }
+    let is_number = text.starts_with(|c: char| c == '-' || c.is_ascii_digit());
+    if !(int_ids && is_number) {
+        return refuse(if int_ids {
+            format!("an entity id is a string or an integer, not {text}")
+        } else {
+            format!("an entity id is a string, not {text}")
+        });
+    }
+    // An integer literal has no fraction and no exponent (`1.0` and `1e2` are refused, as
+    // ingest refuses them for an int field).
+    if !text.bytes().skip(1).all(|b| b.is_ascii_digit()) {
+        return refuse(format!("entity id {text} is not an integer"));
+    }
+    match text.parse::<i64>() {
+        Ok(i) => Ok(i.to_string()),
+        Err(_) => refuse(format!(
+            "entity id {text} is outside the 64-bit integer range"
+        )),
+    }
 }
 
 async fn post_features(

@@ -170,6 +170,14 @@ fn int_entities_are_found_by_any_spelling_of_their_number() {
     );
     for (body, says) in [
         (&br#"{"entities":[7.5]}"#[..], "not an integer"),
+        // Ingest refuses these for an int field: a look-up must not find entity 0 or 100.
+        (br#"{"entities":[0.0]}"#, "not an integer"),
+        (br#"{"entities":[-0.0]}"#, "not an integer"),
+        (br#"{"entities":[1e2]}"#, "not an integer"),
+        (
+            br#"{"entities":[-9223372036854775809]}"#,
+            "outside the 64-bit integer range",
+        ),
         (
             br#"{"entities":[9223372036854775808]}"#,
             "outside the 64-bit integer range",
