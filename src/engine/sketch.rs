@@ -28,7 +28,15 @@ fn bucket_of(magnitude: f64) -> i32 {
 
 fn representative(bucket: i32) -> f64 {
     let g = gamma();
-    2.0 * g.powi(bucket) / (g + 1.0)
+    let value = 2.0 * g.powi(bucket) / (g + 1.0);
+    if value.is_finite() {
+        return value;
+    }
+    // The top buckets (values above about 8.8e307): `g^bucket` overflows although the
+    // representative may not. It is the bucket's lower edge `g^(bucket-1)` (below every value
+    // in it, so finite) times `1 + a`. Where that passes the largest float, the largest float
+    // is nearer every value in the bucket, and so within the bound too.
+    (g.powi(bucket - 1) * (1.0 + RELATIVE_ACCURACY)).min(f64::MAX)
 }
 
 /// Sorted `(bucket, count)` pairs.
@@ -183,7 +191,10 @@ mod tests {
     proptest! {
         #[test]
         fn quantiles_are_within_the_documented_bound(
-            values in prop::collection::vec(prop_oneof![-1e6f64..1e6, 0.001f64..10.0, Just(0.0)], 1..400),
+            values in prop::collection::vec(
+                prop_oneof![-1e6f64..1e6, 0.001f64..10.0, Just(0.0), 1e300f64..f64::MAX, -f64::MAX..-1e300],
+                1..400,
+            ),
             q in 0.0f64..=1.0,
         ) {
             let mut sketch = Sketch::default();
@@ -226,6 +237,26 @@ mod tests {
     #[test]
     fn the_written_out_logarithm_is_the_computed_one() {
         assert_eq!(LN_GAMMA.to_bits(), gamma().ln().to_bits());
+    }
+
+    #[test]
+    fn the_largest_floats_have_quantiles_within_the_bound() {
+        let values = [8e307, 8.8e307, 9e307, 1e308, 1.7e308, f64::MAX];
+        for v in values.into_iter().flat_map(|v| [v, -v]) {
+            let mut sketch = Sketch::default();
+            sketch.add(v);
+            let got = sketch.quantile(0.5).unwrap();
+            assert!(
+                (got - v).abs() <= RELATIVE_ACCURACY * v.abs(),
+                "value {v}: got {got}"
+            );
+        }
+        let mut sketch = Sketch::default();
+        for v in [1.0, 2.0, 3.0, 1e308] {
+            sketch.add(v);
+        }
+        let top = sketch.quantile(1.0).unwrap();
+        assert!((top - 1e308).abs() <= RELATIVE_ACCURACY * 1e308, "{top}");
     }
 
     #[test]
