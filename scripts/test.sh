@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: starts a real Kafka broker and schema registry (scripts/kafka.sh,
 # assembled from Maven Central), installs the Python readers used for interop checks
-# (pyarrow, confluent-kafka, fastavro) into a virtualenv, runs every Rust test, and stops what
-# it started even when something fails.
+# (pyarrow, confluent-kafka, fastavro, and PyYAML for the reference model) into a virtualenv,
+# runs every Rust test, and stops what it started even when something fails.
 #
 #   scripts/test.sh [extra cargo test arguments]
 #
@@ -21,10 +21,10 @@ echo "test.sh: starting Kafka and the schema registry"
 scripts/kafka.sh up
 eval "$(scripts/kafka.sh env)"
 
-if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import pyarrow, confluent_kafka, fastavro' 2>/dev/null; then
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import pyarrow, confluent_kafka, fastavro, yaml' 2>/dev/null; then
   echo "test.sh: installing the Python readers into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check pyarrow confluent-kafka fastavro
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check pyarrow confluent-kafka fastavro pyyaml
 fi
 export FEATURESTREAM_PYTHON="$VENV/bin/python"
 
