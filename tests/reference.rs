@@ -11,9 +11,8 @@
 use std::path::Path;
 use std::process::Command;
 
-fn python() -> String {
-    std::env::var("FEATURESTREAM_PYTHON").unwrap_or_else(|_| "python3".into())
-}
+mod common;
+use common::python;
 
 fn reference_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference"))

@@ -69,15 +69,22 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// A string without escapes at the position (its opening quote), found in one scan; `None`,
-    /// with the position unchanged, for anything else.
+    /// For a string whose opening quote is at the position: where its content starts, and
+    /// where its leading run without escapes ends (the closing quote, for a plain string).
     #[inline]
-    fn plain_string(&mut self) -> Option<&'a str> {
+    fn plain_prefix(&self) -> Option<(usize, usize)> {
         if self.bytes.get(self.at) != Some(&b'"') {
             return None;
         }
         let start = self.at + 1;
-        let end = start + plain_run(&self.bytes[start..]);
+        Some((start, start + plain_run(&self.bytes[start..])))
+    }
+
+    /// A string without escapes at the position (its opening quote), found in one scan; `None`,
+    /// with the position unchanged, for anything else.
+    #[inline]
+    fn plain_string(&mut self) -> Option<&'a str> {
+        let (start, end) = self.plain_prefix()?;
         if self.bytes.get(end) != Some(&b'"') {
             return None;
         }
@@ -85,14 +92,17 @@ impl<'a> Parser<'a> {
         Some(&self.text[start..end])
     }
 
-    /// A string starting at the opening quote; borrowed unless it has escapes.
+    /// A string starting at the opening quote; borrowed unless it has escapes. The plain
+    /// prefix is scanned once, whether or not an escape follows it.
     fn string(&mut self) -> Result<Cow<'a, str>, Syntax> {
-        if let Some(s) = self.plain_string() {
-            return Ok(Cow::Borrowed(s));
+        let Some((start, end)) = self.plain_prefix() else {
+            return self.fail("expected a string");
+        };
+        self.at = end;
+        if self.bytes.get(end) == Some(&b'"') {
+            self.at += 1;
+            return Ok(Cow::Borrowed(&self.text[start..end]));
         }
-        self.expect(b'"', "expected a string")?;
-        let start = self.at;
-        self.at = start + plain_run(&self.bytes[start..]);
         self.string_with_escapes(start)
     }
 
